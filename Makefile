@@ -1,0 +1,48 @@
+# Two commands do all the set-up on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# NOTE: installed before the export extra so that pip keeps this CPU build instead of resolving a newer
+# (multi-GB CUDA) torch. Override on a machine where another build is wanted.
+TORCH_SPEC ?= torch==2.13.0
+MODEL_REPO ?= models/all-MiniLM-L6-v2
+HOST ?= 127.0.0.1
+PORT ?= 50051
+METRICS_PORT ?= 8000
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: serve test bench lint typecheck proto proto-check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# One stamp for everything: the export toolchain is needed on first `make serve` to build the default model.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -c constraints.txt -e ".[export,dev,bench]"
+	touch $@
+
+$(MODEL_REPO)/manifest.json: | $(VENV)/.installed
+	$(BIN)/recserve export --out $(MODEL_REPO)
+
+serve: $(VENV)/.installed $(MODEL_REPO)/manifest.json
+	$(BIN)/recserve serve --model-repo $(MODEL_REPO) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed $(MODEL_REPO)/manifest.json
+	$(BIN)/recserve bench suite --model-repo $(MODEL_REPO) --out benchmarks/results --markdown BENCHMARKS.md
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check recserve tests
+	$(BIN)/ruff format --check recserve tests
+	$(BIN)/mypy
+
+proto: $(VENV)/.installed
+	$(BIN)/python -m recserve.protos
+
+clean:
+	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache

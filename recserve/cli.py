@@ -1,0 +1,42 @@
+"""The `recserve` command: `export`, `serve` and `bench` subcommands.
+
+Each subcommand lives in its own package (`recserve.<pkg>.command`) with `configure(parser)` and
+`run(args) -> int`; only the chosen one is imported, so `serve` never pays for (or needs) torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from recserve import __version__
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    "export": ("recserve.export.command", "Hugging Face checkpoint -> ONNX model repository"),
+    "serve": ("recserve.server.command", "serve a model repository over gRPC"),
+    "bench": ("recserve.benchmarks.command", "load-test a server and write a report"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"recserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).configure(sp)
+        sp.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = importlib.import_module(args._module).run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

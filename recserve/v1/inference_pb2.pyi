@@ -1,0 +1,147 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class VectorEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VECTOR_ENCODING_UNSPECIFIED: _ClassVar[VectorEncoding]
+    VECTOR_ENCODING_FLOAT: _ClassVar[VectorEncoding]
+    VECTOR_ENCODING_PACKED_F32: _ClassVar[VectorEncoding]
+    VECTOR_ENCODING_PACKED_F16: _ClassVar[VectorEncoding]
+
+class Truncation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRUNCATION_UNSPECIFIED: _ClassVar[Truncation]
+    TRUNCATION_TRUNCATE: _ClassVar[Truncation]
+    TRUNCATION_STRICT: _ClassVar[Truncation]
+
+class Similarity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SIMILARITY_UNSPECIFIED: _ClassVar[Similarity]
+    SIMILARITY_COSINE: _ClassVar[Similarity]
+    SIMILARITY_DOT: _ClassVar[Similarity]
+VECTOR_ENCODING_UNSPECIFIED: VectorEncoding
+VECTOR_ENCODING_FLOAT: VectorEncoding
+VECTOR_ENCODING_PACKED_F32: VectorEncoding
+VECTOR_ENCODING_PACKED_F16: VectorEncoding
+TRUNCATION_UNSPECIFIED: Truncation
+TRUNCATION_TRUNCATE: Truncation
+TRUNCATION_STRICT: Truncation
+SIMILARITY_UNSPECIFIED: Similarity
+SIMILARITY_COSINE: Similarity
+SIMILARITY_DOT: Similarity
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("texts", "encoding", "normalize", "truncation")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    encoding: VectorEncoding
+    normalize: bool
+    truncation: Truncation
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., encoding: _Optional[_Union[VectorEncoding, str]] = ..., normalize: _Optional[bool] = ..., truncation: _Optional[_Union[Truncation, str]] = ...) -> None: ...
+
+class Vector(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("dimension", "encoding", "vectors", "packed", "truncated", "token_counts")
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    dimension: int
+    encoding: VectorEncoding
+    vectors: _containers.RepeatedCompositeFieldContainer[Vector]
+    packed: bytes
+    truncated: _containers.RepeatedScalarFieldContainer[int]
+    token_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dimension: _Optional[int] = ..., encoding: _Optional[_Union[VectorEncoding, str]] = ..., vectors: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., packed: _Optional[bytes] = ..., truncated: _Optional[_Iterable[int]] = ..., token_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class UserHistory(_message.Message):
+    __slots__ = ("texts", "weights")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("query_text", "user_history", "candidates", "similarity", "truncation")
+    QUERY_TEXT_FIELD_NUMBER: _ClassVar[int]
+    USER_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    query_text: str
+    user_history: UserHistory
+    candidates: _containers.RepeatedScalarFieldContainer[str]
+    similarity: Similarity
+    truncation: Truncation
+    def __init__(self, query_text: _Optional[str] = ..., user_history: _Optional[_Union[UserHistory, _Mapping]] = ..., candidates: _Optional[_Iterable[str]] = ..., similarity: _Optional[_Union[Similarity, str]] = ..., truncation: _Optional[_Union[Truncation, str]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("scores", "truncated")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    truncated: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_texts_per_call", "max_text_bytes", "max_message_bytes", "max_batch_tokens", "max_batch_size", "max_queue_texts")
+    MAX_TEXTS_PER_CALL_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    max_texts_per_call: int
+    max_text_bytes: int
+    max_message_bytes: int
+    max_batch_tokens: int
+    max_batch_size: int
+    max_queue_texts: int
+    def __init__(self, max_texts_per_call: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_texts: _Optional[int] = ...) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("model_name", "weights_sha256", "task", "dimension", "max_tokens", "precision", "provider", "pooling", "normalize", "limits", "server_version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    weights_sha256: str
+    task: str
+    dimension: int
+    max_tokens: int
+    precision: str
+    provider: str
+    pooling: str
+    normalize: bool
+    limits: Limits
+    server_version: str
+    def __init__(self, model_name: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., task: _Optional[str] = ..., dimension: _Optional[int] = ..., max_tokens: _Optional[int] = ..., precision: _Optional[str] = ..., provider: _Optional[str] = ..., pooling: _Optional[str] = ..., normalize: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ...) -> None: ...
