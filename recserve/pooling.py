@@ -24,13 +24,16 @@ def pool(hidden: FloatArray, mask: npt.NDArray[np.int64], mode: Pooling) -> Floa
     keep = mask[:, :, None].astype(bool)
     if mode == "max":
         # Padded positions must never win the max, so they are set to -inf before reducing.
-        return np.where(keep, hidden, -np.inf).max(axis=1).astype(np.float32)
+        pooled: FloatArray = np.where(keep, hidden, -np.inf).max(axis=1).astype(np.float32)
+        return pooled
     summed = np.einsum("bsh,bs->bh", hidden, mask.astype(np.float32))
     counts = np.maximum(mask.sum(axis=1, keepdims=True), 1).astype(np.float32)
-    return (summed / counts).astype(np.float32)
+    mean: FloatArray = (summed / counts).astype(np.float32)
+    return mean
 
 
 def l2_normalize(vectors: FloatArray, eps: float = 1e-12) -> FloatArray:
     """Rows scaled to unit length; an all-zero row stays zero instead of becoming NaN."""
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return (vectors / np.maximum(norms, eps)).astype(np.float32)
+    unit: FloatArray = (vectors / np.maximum(norms, eps)).astype(np.float32)
+    return unit

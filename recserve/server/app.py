@@ -1,0 +1,246 @@
+"""Server lifecycle: load -> bind -> warm up -> SERVING -> (signal) -> NOT_SERVING -> drain -> exit.
+
+`running_server` is the async context manager tests and `recserve serve` share; `serve` adds signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from recserve.manifest import Manifest
+from recserve.server.batcher import Batcher, BatcherConfig
+from recserve.server.engine import Engine, Limits
+from recserve.server.metrics import Metrics, serve_metrics
+from recserve.server.runtime import OnnxBackend, TokenizerPool, load_backend
+from recserve.server.service import SERVICE_NAME, InferenceService, build_info
+from recserve.server.settings import ServerSettings
+from recserve.server.types import Encoded
+from recserve.v1 import inference_pb2 as pb
+from recserve.v1 import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+# Health is reported for the whole server ("") and for the inference service by name.
+_HEALTH_SERVICES = ("", SERVICE_NAME)
+
+
+@dataclass
+class RunningServer:
+    """Handles to a started server (ports bound, SERVING)."""
+
+    settings: ServerSettings
+    port: int
+    metrics_port: int | None
+    engine: Engine
+    metrics: Metrics
+    health: health.aio.HealthServicer
+    grpc_server: grpc.aio.Server
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+
+def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Let clients keep connections alive through idle periods without being GOAWAY'd.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+def warmup_batches(max_batch_size: int, max_batch_tokens: int, max_length: int) -> list[list[Encoded]]:
+    """A batch of each size class the batcher forms: powers of two up to the largest batch, each at the
+    longest length the token budget allows (capped at max_length), plus one batch-1 run per length class."""
+    batches = []
+    size = 1
+    while True:
+        length = max(2, min(max_length, max_batch_tokens // size))
+        batches.append([_dummy(length)] * size)
+        if size >= max_batch_size:
+            break
+        size = min(size * 2, max_batch_size)
+    length = 8
+    while length < max_length:
+        batches.append([_dummy(length)])
+        length *= 2
+    return batches
+
+
+def _dummy(length: int) -> Encoded:
+    ids = np.full(length, 1000, dtype=np.int64)
+    return Encoded(ids=ids, type_ids=np.zeros(length, dtype=np.int64))
+
+
+async def _warm_up(backend: OnnxBackend, settings: ServerSettings, executor: ThreadPoolExecutor) -> None:
+    started = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    batches = warmup_batches(settings.max_batch_size, settings.max_batch_tokens, backend.manifest.max_length)
+    for batch in batches:
+        await loop.run_in_executor(executor, backend.run, batch)
+    log.info(
+        "warm-up done", extra={"batches": len(batches), "seconds": round(time.perf_counter() - started, 3)}
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    settings: ServerSettings,
+    registry: CollectorRegistry | None = None,
+    *,
+    before_ready: Callable[[RunningServer], Awaitable[None]] | None = None,
+) -> AsyncIterator[RunningServer]:
+    """Loads the model repository, binds, warms up and yields a SERVING server; drains on exit.
+
+    Health answers NOT_SERVING from the moment the port is bound until warm-up (and `before_ready`, a hook
+    for tests) is done, and again from the start of the drain.
+    """
+    manifest = Manifest.load(settings.model_repo)
+    loop = asyncio.get_running_loop()
+    backend = await loop.run_in_executor(
+        None,
+        load_backend,
+        settings.model_repo,
+        manifest,
+        settings.device,
+        settings.precision,
+        settings.intra_op_threads,
+        settings.inter_op_threads,
+    )
+    tokenizers = TokenizerPool(settings.model_repo / manifest.tokenizer_file, settings.tokenizer_threads)
+    metrics = Metrics(registry)
+    metrics.set_model(
+        manifest.model_name, manifest.source.weights_sha256, backend.selection.precision, backend.provider
+    )
+    model_executor = ThreadPoolExecutor(
+        max_workers=settings.max_concurrent_batches, thread_name_prefix="model"
+    )
+    health_servicer = health.aio.HealthServicer()
+    grpc_server = grpc.aio.server(options=grpc_options(settings))
+
+    def on_fatal(exc: BaseException) -> None:
+        # The batch loop died: every later call would hang, so refuse them and tell the probes.
+        log.critical("batch loop died; serving stops", exc_info=exc)
+        engine.close("the server's batch loop failed; it is not serving (see its log)")
+        task = loop.create_task(_set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING))
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    background: set[asyncio.Task[None]] = set()
+    batcher = Batcher(
+        backend.run,
+        BatcherConfig(
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_delay_s=settings.max_delay_ms / 1000,
+            max_queue_texts=settings.max_queue_texts,
+            window_texts=settings.window_texts,
+            max_concurrent_batches=settings.max_concurrent_batches,
+            max_padding_ratio=settings.max_padding_ratio,
+        ),
+        model_executor,
+        observer=metrics,
+        on_fatal=on_fatal,
+    )
+    metrics.watch_backlog(lambda: batcher.stats.backlog_seconds)
+    engine = Engine(
+        manifest,
+        tokenizers.encode,
+        tokenizers.encode_pairs,
+        tokenizers.executor,
+        batcher,
+        Limits(settings.max_texts_per_call, settings.max_text_bytes),
+    )
+    limits = pb.Limits(
+        max_texts_per_call=settings.max_texts_per_call,
+        max_text_bytes=settings.max_text_bytes,
+        max_message_bytes=settings.max_message_bytes,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_size=settings.max_batch_size,
+        max_queue_texts=settings.max_queue_texts,
+    )
+    info = build_info(engine, backend.selection.precision, backend.provider, limits)
+    servicer = InferenceService(engine, metrics, info)
+    pb_grpc.add_InferenceServicer_to_server(servicer, grpc_server)  # type: ignore[no-untyped-call]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        grpc_server,
+    )
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"could not bind gRPC to {settings.host}:{settings.port}")
+    metrics_port, metrics_http = (None, None)
+    if settings.metrics_port is not None:
+        metrics_port, metrics_http = serve_metrics(metrics, settings.host, settings.metrics_port)
+    await grpc_server.start()
+    log.info("listening", extra={"address": f"{settings.host}:{port}", "metrics_port": metrics_port})
+    running = RunningServer(settings, port, metrics_port, engine, metrics, health_servicer, grpc_server)
+    try:
+        await batcher.start()
+        if settings.warmup:
+            await _warm_up(backend, settings, model_executor)
+        if before_ready is not None:
+            await before_ready(running)
+        engine.open()
+        await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving",
+            extra={
+                "model": manifest.model_name,
+                "precision": backend.selection.precision,
+                "provider": backend.provider,
+            },
+        )
+        yield running
+    finally:
+        log.info("draining", extra={"grace_s": settings.grace_period_s})
+        await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+        engine.close("the server is shutting down: retry on another replica")
+        # NOTE: the gRPC server keeps accepting calls while the in-flight ones finish, so that health
+        # probes still get their NOT_SERVING answer (and new inference calls a clear UNAVAILABLE) during
+        # the drain instead of a refused connection.
+        drained = await engine.wait_idle(settings.grace_period_s)
+        if not drained:
+            log.warning("grace period over with calls in flight; they are cancelled")
+        await batcher.stop(drain=drained, timeout=1.0)
+        await grpc_server.stop(0 if not drained else 1.0)
+        tokenizers.shutdown()
+        model_executor.shutdown(wait=True, cancel_futures=True)
+        if metrics_http is not None:
+            metrics_http.shutdown()  # type: ignore[attr-defined]
+            metrics_http.server_close()  # type: ignore[attr-defined]
+        log.info("stopped")
+
+
+async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
+    for name in _HEALTH_SERVICES:
+        await servicer.set(name, status)
+
+
+async def serve(settings: ServerSettings) -> int:
+    """Runs until SIGTERM or SIGINT, then drains within the grace period; returns the exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with running_server(settings):
+        await stop.wait()
+        log.info("signal received, shutting down")
+    return 0

@@ -1,0 +1,268 @@
+"""The recommender operations on top of the batcher: validate -> tokenise (threads) -> batch -> post-process.
+
+Knows nothing of gRPC or protobuf: the transport (service.py) turns messages into these calls and the
+ServeError subclasses raised here into status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from recserve.manifest import Manifest
+from recserve.pooling import l2_normalize
+from recserve.server.batcher import Batcher
+from recserve.server.errors import InvalidArgument, Unavailable
+from recserve.server.types import Encoded, FloatArray
+
+Similarity = Literal["cosine", "dot"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_texts_per_call: int
+    max_text_bytes: int
+
+
+@dataclass
+class Timings:
+    tokenize_s: float = 0.0
+    queue_s: float = 0.0
+    infer_s: float = 0.0
+
+
+@dataclass
+class EmbedResult:
+    vectors: FloatArray
+    truncated: list[int]
+    token_counts: list[int]
+    timings: Timings
+
+
+@dataclass
+class ScoreResult:
+    scores: FloatArray
+    truncated: list[int]
+    timings: Timings
+    # Texts (or pairs) that went through the model: the query or history, and the candidates.
+    model_texts: int
+
+
+@dataclass(frozen=True)
+class UserHistory:
+    texts: Sequence[str]
+    # Empty: every item weighs 1.
+    weights: Sequence[float] = ()
+
+
+class Engine:
+    """Embed and Score for one model repository."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        encode: Callable[[Sequence[str]], list[Encoded]],
+        encode_pairs: Callable[[str, Sequence[str]], list[Encoded]],
+        tokenize_executor: object,
+        batcher: Batcher,
+        limits: Limits,
+    ) -> None:
+        self.manifest = manifest
+        self._encode = encode
+        self._encode_pairs = encode_pairs
+        self._tokenize_executor = tokenize_executor
+        self.batcher = batcher
+        self.limits = limits
+        self.accepting = False
+        self.refusal = "the server is warming up"
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    def open(self) -> None:
+        self.accepting = True
+
+    def close(self, why: str) -> None:
+        self.accepting = False
+        self.refusal = why
+
+    async def wait_idle(self, within_s: float) -> bool:
+        """Waits until no Embed/Score call is in flight; False if `within_s` seconds passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), within_s)
+        except TimeoutError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        """Admits one call (or refuses it with UNAVAILABLE) and counts it as in flight until it ends."""
+        if not self.accepting:
+            raise Unavailable(self.refusal)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    # --- operations -----------------------------------------------------------------------------------
+    async def embed(
+        self, texts: Sequence[str], normalize: bool | None, strict: bool, deadline: float | None
+    ) -> EmbedResult:
+        with self._call():
+            return await self._embed(texts, normalize, strict, deadline)
+
+    async def _embed(
+        self, texts: Sequence[str], normalize: bool | None, strict: bool, deadline: float | None
+    ) -> EmbedResult:
+        if self.manifest.task != "embedding":
+            raise InvalidArgument(
+                "this server serves a cross-encoder, which has no Embed: call Score with query_text"
+            )
+        self._check_texts("texts", texts)
+        timings = Timings()
+        items = await self._tokenize(timings, self._encode, texts)
+        truncated = self._truncated("texts", items, strict)
+        rows = await self._run(timings, items, deadline)
+        if normalize if normalize is not None else self.manifest.normalize:
+            rows = l2_normalize(rows)
+        return EmbedResult(rows, truncated, [item.length for item in items], timings)
+
+    async def score(
+        self,
+        query: str | UserHistory,
+        candidates: Sequence[str],
+        similarity: Similarity,
+        strict: bool,
+        deadline: float | None,
+    ) -> ScoreResult:
+        with self._call():
+            self._check_texts("candidates", candidates)
+            if self.manifest.task == "cross-encoder":
+                return await self._score_pairs(query, candidates, strict, deadline)
+            return await self._score_vectors(query, candidates, similarity, strict, deadline)
+
+    async def _score_vectors(
+        self,
+        query: str | UserHistory,
+        candidates: Sequence[str],
+        similarity: Similarity,
+        strict: bool,
+        deadline: float | None,
+    ) -> ScoreResult:
+        if isinstance(query, UserHistory):
+            self._check_texts("user_history.texts", query.texts)
+            weights = self._weights(query)
+            head = list(query.texts)
+        else:
+            head = [query]
+        timings = Timings()
+        # The query (or history) and the candidates travel together: one submission, one queue wait.
+        items = await self._tokenize(timings, self._encode, [*head, *candidates])
+        self._truncated("user_history.texts", items[: len(head)], strict)
+        truncated = self._truncated("candidates", items[len(head) :], strict)
+        rows = await self._run(timings, items, deadline)
+        head_rows, candidate_rows = rows[: len(head)], rows[len(head) :]
+        if isinstance(query, UserHistory):
+            # UserInterest = sum_i w_i * e_i over normalised item embeddings, renormalised.
+            user = (weights[:, None] * l2_normalize(head_rows)).sum(axis=0, keepdims=True)
+            query_vector = l2_normalize(user.astype(np.float32))[0]
+        else:
+            query_vector = head_rows[0]
+        if similarity == "cosine":
+            scores = l2_normalize(candidate_rows) @ l2_normalize(query_vector[None, :])[0]
+        else:
+            # Dot product of the vectors as Embed returns them by default.
+            if self.manifest.normalize:
+                candidate_rows = l2_normalize(candidate_rows)
+                if not isinstance(query, UserHistory):
+                    query_vector = l2_normalize(query_vector[None, :])[0]
+            scores = candidate_rows @ query_vector
+        return ScoreResult(scores.astype(np.float32), truncated, timings, len(items))
+
+    async def _score_pairs(
+        self, query: str | UserHistory, candidates: Sequence[str], strict: bool, deadline: float | None
+    ) -> ScoreResult:
+        if isinstance(query, UserHistory):
+            raise InvalidArgument(
+                "a user history needs an embedding model; this server serves a cross-encoder: send query_text"
+            )
+        self._check_texts("query_text", [query])
+        timings = Timings()
+        items = await self._tokenize(timings, lambda c: self._encode_pairs(query, c), candidates)
+        truncated = self._truncated("candidates", items, strict)
+        rows = await self._run(timings, items, deadline)
+        # One logit: it is the relevance. Several (a classifier): the last is the "relevant" class.
+        return ScoreResult(rows[:, -1].astype(np.float32), truncated, timings, len(items))
+
+    # --- steps ----------------------------------------------------------------------------------------
+    def _check_texts(self, name: str, texts: Sequence[str]) -> None:
+        if not texts:
+            raise InvalidArgument(f"{name} is empty: send at least one text")
+        if len(texts) > self.limits.max_texts_per_call:
+            raise InvalidArgument(
+                f"{name} holds {len(texts)} texts; the limit is {self.limits.max_texts_per_call} per call "
+                "(Info.limits.max_texts_per_call): split the call"
+            )
+        for index, text in enumerate(texts):
+            # Cheap bound first: a str of n code points is at most 4n UTF-8 bytes.
+            if len(text) * 4 > self.limits.max_text_bytes:
+                size = len(text.encode("utf-8", "surrogatepass"))
+                if size > self.limits.max_text_bytes:
+                    raise InvalidArgument(
+                        f"{name}[{index}] is {size} bytes; the limit is {self.limits.max_text_bytes} "
+                        "(Info.limits.max_text_bytes)"
+                    )
+
+    def _weights(self, history: UserHistory) -> np.ndarray:
+        if not history.weights:
+            return np.ones(len(history.texts), dtype=np.float32)
+        if len(history.weights) != len(history.texts):
+            raise InvalidArgument(
+                f"user_history has {len(history.texts)} texts but {len(history.weights)} weights: "
+                "send one weight per text, or none"
+            )
+        for index, weight in enumerate(history.weights):
+            if not math.isfinite(weight) or weight < 0:
+                raise InvalidArgument(
+                    f"user_history.weights[{index}] is {weight}: weights must be finite and >= 0"
+                )
+        weights = np.asarray(history.weights, dtype=np.float32)
+        if not weights.any():
+            raise InvalidArgument("user_history.weights are all zero: at least one must be positive")
+        return weights
+
+    def _truncated(self, name: str, items: Sequence[Encoded], strict: bool) -> list[int]:
+        cut = [index for index, item in enumerate(items) if item.truncated]
+        if strict and cut:
+            raise InvalidArgument(
+                f"{name}[{cut[0]}] is longer than the model's {self.manifest.max_length} tokens "
+                f"({len(cut)} such text(s)) and truncation is STRICT: shorten it or use TRUNCATE"
+            )
+        return cut
+
+    async def _tokenize(
+        self, timings: Timings, encode: Callable[[Sequence[str]], list[Encoded]], texts: Sequence[str]
+    ) -> list[Encoded]:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        items = await loop.run_in_executor(self._tokenize_executor, encode, texts)  # type: ignore[arg-type]
+        timings.tokenize_s = time.perf_counter() - started
+        return items
+
+    async def _run(self, timings: Timings, items: Sequence[Encoded], deadline: float | None) -> FloatArray:
+        result = await self.batcher.submit(items, deadline)
+        timings.queue_s = result.queue_s
+        timings.infer_s = result.infer_s
+        return result.rows

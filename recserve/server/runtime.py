@@ -1,0 +1,218 @@
+"""The model runtime: an ONNX Runtime session for the variant that fits the hardware, and tokenizer workers.
+
+This is the only server module that imports onnxruntime; it knows nothing of gRPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Encoding, Tokenizer
+
+from recserve.manifest import Manifest, Precision
+from recserve.pooling import pool
+from recserve.server.types import Encoded, FloatArray
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+class RuntimeSelectionError(RuntimeError):
+    """No variant of the repository can run with what this machine has."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which variant runs on which provider, and why (shown by Info and logged at start)."""
+
+    precision: Precision
+    provider: str
+    reason: str
+
+
+def select_runtime(
+    available_providers: Sequence[str],
+    variants: Sequence[str],
+    device: str = "auto",
+    precision: str = "auto",
+) -> Selection:
+    """Chooses (variant, provider): fp16 on CUDA when a GPU build of ORT is present, fp32 on CPU otherwise.
+
+    `device` and `precision` are the user's settings ("auto" or a name). An explicit request that cannot be
+    met raises; an automatic choice falls back (CUDA -> CPU, fp16 -> fp32) and says so in `reason`.
+    """
+    has_cuda = CUDA in available_providers
+    if device == "cuda" and not has_cuda:
+        raise RuntimeSelectionError(
+            "device=cuda was asked for but onnxruntime has no CUDAExecutionProvider "
+            f"(available: {', '.join(available_providers)}); install the gpu extra or use device=cpu"
+        )
+    use_cuda = has_cuda and device != "cpu"
+    provider = CUDA if use_cuda else CPU
+    notes = []
+    if device == "auto" and not has_cuda:
+        notes.append("no CUDAExecutionProvider in this onnxruntime build, using the CPU")
+
+    if precision != "auto":
+        if precision not in variants:
+            raise RuntimeSelectionError(
+                f"precision={precision} was asked for but the repository holds only: {', '.join(variants)}"
+            )
+        if precision == "fp16" and not use_cuda:
+            notes.append("fp16 on the CPU provider runs, but slowly; fp32 is the CPU variant")
+        return Selection(precision, provider, "; ".join(notes) or f"{precision} as asked")  # type: ignore[arg-type]
+
+    preferred: list[Precision] = ["fp16", "fp32"] if use_cuda else ["fp32", "int8"]
+    for candidate in preferred:
+        if candidate in variants:
+            if candidate != preferred[0]:
+                notes.append(f"{preferred[0]} variant missing, using {candidate}")
+            return Selection(
+                candidate, provider, "; ".join(notes) or f"{candidate} is the {provider} default"
+            )
+    # Last resort: whatever exists, on the provider we have.
+    if variants:
+        fallback: Precision = variants[0]  # type: ignore[assignment]
+        notes.append(f"no preferred variant present, using {fallback}")
+        return Selection(fallback, provider, "; ".join(notes))
+    raise RuntimeSelectionError("the repository lists no variants")
+
+
+class OnnxBackend:
+    """Runs padded batches through one ORT session and pools them; blocking, for an executor thread."""
+
+    def __init__(
+        self,
+        repo: Path,
+        manifest: Manifest,
+        selection: Selection,
+        intra_op_threads: int,
+        inter_op_threads: int = 1,
+    ) -> None:
+        self.manifest = manifest
+        self.selection = selection
+        variant = manifest.variants[selection.precision]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # The exported graph is already fused offline; this level re-applies only what is cheap and safe.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        providers: list[Any] = [selection.provider]
+        if selection.provider == CUDA:
+            providers = [(CUDA, {"device_id": 0}), CPU]
+        self.session = ort.InferenceSession(str(repo / variant.file), options, providers=providers)
+        in_use = self.session.get_providers()[0]
+        if in_use != selection.provider:
+            # ORT silently falls back when the CUDA libraries fail to load; the server must say so.
+            log.warning("provider fallback", extra={"asked": selection.provider, "got": in_use})
+            self.selection = Selection(selection.precision, in_use, f"{selection.provider} failed to load")
+        self._input_names = [i.name for i in self.session.get_inputs()]
+        self._use_io_binding = self.selection.provider == CUDA
+
+    @property
+    def provider(self) -> str:
+        return self.selection.provider
+
+    def _feeds(self, batch: Sequence[Encoded]) -> dict[str, np.ndarray]:
+        longest = max(item.length for item in batch)
+        ids = np.full((len(batch), longest), self.manifest.pad_token_id, dtype=np.int64)
+        types = np.zeros((len(batch), longest), dtype=np.int64)
+        mask = np.zeros((len(batch), longest), dtype=np.int64)
+        for row, item in enumerate(batch):
+            ids[row, : item.length] = item.ids
+            types[row, : item.length] = item.type_ids
+            mask[row, : item.length] = 1
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        return {name: feeds[name] for name in self._input_names}
+
+    def _run_session(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        output = self.manifest.output_name
+        if not self._use_io_binding:
+            result: np.ndarray = self.session.run([output], feeds)[0]
+            return result
+        # CUDA: each input is copied to the device once, and the output is written straight into host
+        # memory, instead of ORT staging both through extra buffers.
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output(output, "cpu")
+        self.session.run_with_iobinding(binding)
+        copied: np.ndarray = binding.copy_outputs_to_cpu()[0]
+        return copied
+
+    def run(self, batch: Sequence[Encoded]) -> FloatArray:
+        """One row per item: the pooled (not normalised) vector, or the cross-encoder's logits."""
+        feeds = self._feeds(batch)
+        output = self._run_session(feeds)
+        if self.manifest.task == "cross-encoder":
+            return np.ascontiguousarray(output, dtype=np.float32)
+        assert self.manifest.pooling is not None
+        return pool(output, feeds["attention_mask"], self.manifest.pooling)
+
+
+def load_backend(
+    repo: Path, manifest: Manifest, device: str, precision: str, intra_op_threads: int, inter_op_threads: int
+) -> OnnxBackend:
+    selection = select_runtime(ort.get_available_providers(), list(manifest.variants), device, precision)
+    backend = OnnxBackend(repo, manifest, selection, intra_op_threads, inter_op_threads)
+    log.info(
+        "runtime selected",
+        extra={
+            "precision": backend.selection.precision,
+            "provider": backend.selection.provider,
+            "reason": backend.selection.reason,
+        },
+    )
+    return backend
+
+
+def _to_encoded(encoding: Encoding) -> Encoded:
+    return Encoded(
+        ids=np.asarray(encoding.ids, dtype=np.int64),
+        type_ids=np.asarray(encoding.type_ids, dtype=np.int64),
+        truncated=bool(encoding.overflowing),
+    )
+
+
+class TokenizerPool:
+    """Tokenises in worker threads, each with its own fast tokenizer (a shared one raises "Already borrowed").
+
+    The repository's tokenizer.json already truncates at the model's max length and does not pad; padding
+    is the batcher's job, to the longest text of each batch.
+    """
+
+    def __init__(self, tokenizer_file: Path, threads: int) -> None:
+        self._file = tokenizer_file
+        Tokenizer.from_file(str(tokenizer_file))  # fail at start-up, not on the first call
+        self._local = threading.local()
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenize")
+
+    def _tokenizer(self) -> Tokenizer:
+        tokenizer: Tokenizer | None = getattr(self._local, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = Tokenizer.from_file(str(self._file))
+            self._local.tokenizer = tokenizer
+        return tokenizer
+
+    def encode(self, texts: Sequence[str]) -> list[Encoded]:
+        """Blocking; run it in `self.executor`."""
+        return [_to_encoded(e) for e in self._tokenizer().encode_batch(list(texts))]
+
+    def encode_pairs(self, query: str, candidates: Sequence[str]) -> list[Encoded]:
+        """(query, candidate) pairs for a cross-encoder. Blocking; run it in `self.executor`."""
+        pairs = [(query, candidate) for candidate in candidates]
+        return [_to_encoded(e) for e in self._tokenizer().encode_batch(pairs)]
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)

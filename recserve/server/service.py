@@ -1,0 +1,205 @@
+"""The gRPC transport: protobuf <-> engine calls, and ServeError -> status code (in one place).
+
+It never imports onnxruntime; everything about models lives below the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from recserve import __version__
+from recserve.server import errors
+from recserve.server.engine import Engine, Similarity, Timings, UserHistory
+from recserve.server.metrics import Metrics
+from recserve.v1 import inference_pb2 as pb
+from recserve.v1 import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+STATUS: dict[type[errors.ServeError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Internal: grpc.StatusCode.INTERNAL,
+}
+
+_PACKED: dict[int, np.dtype[np.floating]] = {
+    pb.VECTOR_ENCODING_PACKED_F32: np.dtype("<f4"),
+    pb.VECTOR_ENCODING_PACKED_F16: np.dtype("<f2"),
+}
+_SIMILARITY: dict[int, Similarity] = {
+    pb.SIMILARITY_UNSPECIFIED: "cosine",
+    pb.SIMILARITY_COSINE: "cosine",
+    pb.SIMILARITY_DOT: "dot",
+}
+
+Reply = TypeVar("Reply")
+
+
+def _strict(truncation: int) -> bool:
+    if truncation not in pb.Truncation.values():
+        raise errors.InvalidArgument(f"unknown truncation {truncation}: use TRUNCATE or STRICT")
+    return truncation == pb.TRUNCATION_STRICT
+
+
+def _deadline(context: grpc.aio.ServicerContext[object, object]) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+
+def encode_vectors(vectors: np.ndarray, encoding: int, response: pb.EmbedResponse) -> None:
+    """Fills `response` with `vectors` [n, dim] in the caller's encoding."""
+    if encoding in (pb.VECTOR_ENCODING_UNSPECIFIED, pb.VECTOR_ENCODING_FLOAT):
+        response.encoding = pb.VECTOR_ENCODING_FLOAT
+        response.vectors.extend(pb.Vector(values=row) for row in vectors.tolist())
+        return
+    dtype = _PACKED.get(encoding)
+    if dtype is None:
+        raise errors.InvalidArgument(
+            f"unknown vector encoding {encoding}: use FLOAT, PACKED_F32 or PACKED_F16"
+        )
+    response.encoding = encoding  # type: ignore[assignment]
+    response.packed = np.ascontiguousarray(vectors, dtype=dtype).tobytes()
+
+
+class InferenceService(pb_grpc.InferenceServicer):
+    def __init__(self, engine: Engine, metrics: Metrics, info: pb.InfoResponse) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.info = info
+
+    async def _handle(
+        self,
+        rpc: str,
+        context: grpc.aio.ServicerContext[object, object],
+        call: Callable[[], Awaitable[tuple[Reply, Timings, int]]],
+    ) -> Reply:
+        """Runs one call: request id, timings in trailing metadata, metrics, and the status mapping."""
+        started = time.perf_counter()
+        request_id = dict(context.invocation_metadata() or ()).get("x-request-id") or uuid.uuid4().hex[:16]
+        code = grpc.StatusCode.OK
+        self.metrics.in_flight.inc()
+        try:
+            reply, timings, texts = await call()
+            self.metrics.texts.labels(rpc).inc(texts)
+            context.set_trailing_metadata(
+                (
+                    ("x-request-id", request_id),
+                    ("x-tokenize-ms", f"{timings.tokenize_s * 1e3:.3f}"),
+                    ("x-queue-ms", f"{timings.queue_s * 1e3:.3f}"),
+                    ("x-infer-ms", f"{timings.infer_s * 1e3:.3f}"),
+                )
+            )
+            self.metrics.tokenize_seconds.observe(timings.tokenize_s)
+            return reply
+        except errors.ServeError as exc:
+            code = STATUS[type(exc)]
+            self.metrics.failures.labels(exc.reason).inc()
+            if isinstance(exc, errors.Internal):
+                log.error("internal error", exc_info=exc, extra={"request_id": request_id, "rpc": rpc})
+                message = f"internal error (request id {request_id}); the server log has the details"
+            else:
+                log.info("call refused", extra={"request_id": request_id, "rpc": rpc, "code": code.name})
+                message = str(exc)
+            context.set_trailing_metadata((("x-request-id", request_id),))
+            await context.abort(code, message)
+            raise AssertionError("unreachable: abort raises") from None
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            self.metrics.failures.labels("cancelled").inc()
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            self.metrics.failures.labels("internal").inc()
+            log.exception("unexpected error", extra={"request_id": request_id, "rpc": rpc})
+            await context.abort(
+                code, f"internal error (request id {request_id}); the server log has the details"
+            )
+            raise AssertionError("unreachable: abort raises") from None
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(rpc, code.name).inc()
+            self.metrics.request_seconds.labels(rpc).observe(time.perf_counter() - started)
+
+    async def Embed(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.EmbedResponse:
+        async def call() -> tuple[pb.EmbedResponse, Timings, int]:
+            strict = _strict(request.truncation)
+            if request.encoding not in pb.VectorEncoding.values():
+                raise errors.InvalidArgument(
+                    f"unknown vector encoding {request.encoding}: use FLOAT, PACKED_F32 or PACKED_F16"
+                )
+            normalize = request.normalize if request.HasField("normalize") else None
+            result = await self.engine.embed(request.texts, normalize, strict, _deadline(context))
+            response = pb.EmbedResponse(
+                dimension=result.vectors.shape[1],
+                truncated=result.truncated,
+                token_counts=result.token_counts,
+            )
+            encode_vectors(result.vectors, request.encoding, response)
+            return response, result.timings, len(request.texts)
+
+        return await self._handle("Embed", context, call)
+
+    async def Score(
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ScoreResponse:
+        async def call() -> tuple[pb.ScoreResponse, Timings, int]:
+            strict = _strict(request.truncation)
+            similarity = _SIMILARITY.get(request.similarity)
+            if similarity is None:
+                raise errors.InvalidArgument(f"unknown similarity {request.similarity}: use COSINE or DOT")
+            query: str | UserHistory
+            which = request.WhichOneof("query")
+            if which == "query_text":
+                query = request.query_text
+            elif which == "user_history":
+                query = UserHistory(request.user_history.texts, request.user_history.weights)
+            else:
+                raise errors.InvalidArgument("set the query: query_text or user_history")
+            result = await self.engine.score(
+                query, request.candidates, similarity, strict, _deadline(context)
+            )
+            response = pb.ScoreResponse(scores=result.scores.tolist(), truncated=result.truncated)
+            return response, result.timings, result.model_texts
+
+        return await self._handle("Score", context, call)
+
+    async def Info(
+        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.InfoResponse:
+        async def call() -> tuple[pb.InfoResponse, Timings, int]:
+            return self.info, Timings(), 0
+
+        return await self._handle("Info", context, call)
+
+
+def build_info(engine: Engine, precision: str, provider: str, limits: pb.Limits) -> pb.InfoResponse:
+    manifest = engine.manifest
+    return pb.InfoResponse(
+        model_name=manifest.model_name,
+        weights_sha256=manifest.source.weights_sha256,
+        task=manifest.task,
+        dimension=manifest.output_dim,
+        max_tokens=manifest.max_length,
+        precision=precision,
+        provider=provider,
+        pooling=manifest.pooling or "",
+        normalize=manifest.normalize,
+        limits=limits,
+        server_version=__version__,
+    )

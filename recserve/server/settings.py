@@ -1,0 +1,57 @@
+"""Every server setting in one class: command-line flag, environment variable (RECSERVE_*), default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+def _default_intra_op_threads() -> int:
+    # ORT's intra-op pool should own the cores; tokenisation and gRPC take little beside it.
+    return max(1, os.cpu_count() or 1)
+
+
+class ServerSettings(BaseSettings):
+    """Settings of `recserve serve`. Each field maps to `--flag-name` and `RECSERVE_FIELD_NAME`."""
+
+    model_config = SettingsConfigDict(env_prefix="RECSERVE_", extra="forbid", frozen=True)
+
+    model_repo: Path = Field(description="model repository directory written by `recserve export`")
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 inside a container")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one (tests)")
+    metrics_port: int | None = Field(
+        8000, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one; unset disables"
+    )
+    precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
+        "auto", description="variant to load; auto = fp16 on CUDA, fp32 on CPU"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="execution provider; auto = CUDA when onnxruntime-gpu sees a GPU"
+    )
+    intra_op_threads: int = Field(
+        default_factory=_default_intra_op_threads, ge=1, description="ORT threads per model execution"
+    )
+    inter_op_threads: int = Field(1, ge=1, description="ORT threads across graph branches (BERT has none)")
+    tokenizer_threads: int = Field(2, ge=1, description="worker threads that tokenise, one tokenizer each")
+    max_batch_size: int = Field(32, ge=1, description="texts per batch; 1 turns batching off")
+    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per batch (longest x count)")
+    max_delay_ms: float = Field(5.0, ge=0, description="longest wait for batch mates after the first text")
+    max_queue_texts: int = Field(4096, ge=1, description="queued texts before calls get RESOURCE_EXHAUSTED")
+    window_texts: int = Field(256, ge=1, description="look-ahead window sorted by length before cutting")
+    max_padding_ratio: float = Field(
+        1.15, ge=1.0, description="padded/real tokens a batch may reach before a longer text starts the next"
+    )
+    max_concurrent_batches: int = Field(1, ge=1, description="model executions in flight at once")
+    max_texts_per_call: int = Field(2048, ge=1, description="texts in one Embed/Score call")
+    max_text_bytes: int = Field(65536, ge=1, description="UTF-8 bytes of one text")
+    max_message_bytes: int = Field(64 * MiB, ge=1024, description="gRPC message size, both directions")
+    grace_period_s: float = Field(30.0, ge=0, description="time in-flight calls get to finish on SIGTERM")
+    warmup: bool = Field(True, description="run a batch of each size class before reporting SERVING")
+    log_format: Literal["json", "text"] = Field("json", description="one line per event, JSON or key=value")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log threshold")

@@ -1,0 +1,112 @@
+"""A real recserve server on a loopback port, run in a background thread with its own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from recserve.server.app import RunningServer, running_server
+from recserve.server.settings import ServerSettings
+from recserve.v1 import inference_pb2_grpc as pb_grpc
+
+MiB = 1024 * 1024
+
+
+def settings_for(repo: Path, **overrides: Any) -> ServerSettings:
+    values: dict[str, Any] = {
+        "model_repo": repo,
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": 0,
+        "intra_op_threads": 1,
+        "tokenizer_threads": 1,
+        "grace_period_s": 5.0,
+        "log_level": "warning",
+    }
+    values.update(overrides)
+    return ServerSettings(**values)
+
+
+class ServerThread:
+    """Starts `running_server` in a thread; `stop()` drains it like a SIGTERM would."""
+
+    def __init__(
+        self, settings: ServerSettings, before_ready: Callable[[RunningServer], Awaitable[None]] | None = None
+    ) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self._before_ready = before_ready
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.server: RunningServer | None = None
+        self._thread = threading.Thread(target=self._main, name="test-server", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            async with running_server(
+                self.settings, self.registry, before_ready=self._before_ready
+            ) as server:
+                self.server = server
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as exc:  # surfaced to the test thread by start()
+            self._error = exc
+            self._ready.set()
+
+    def start(self, timeout: float = 60.0) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("server did not become ready")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.loop is not None and self._stop is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return self.server.address
+
+    @property
+    def metrics_url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(
+            self.address,
+            options=[
+                ("grpc.max_receive_message_length", 256 * MiB),
+                ("grpc.max_send_message_length", 256 * MiB),
+            ],
+        )
+
+    def stub(self) -> pb_grpc.InferenceStub:
+        return pb_grpc.InferenceStub(self.channel())
+
+
+@contextmanager
+def serving(repo: Path, **overrides: Any) -> Iterator[ServerThread]:
+    thread = ServerThread(settings_for(repo, **overrides)).start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
