@@ -41,7 +41,12 @@ class ServerSettings(BaseSettings):
     tokenizer_threads: int = Field(2, ge=1, description="worker threads that tokenise, one tokenizer each")
     max_batch_size: int = Field(32, ge=1, description="texts per batch; 1 turns batching off")
     max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per batch (longest x count)")
-    max_delay_ms: float = Field(5.0, ge=0, description="longest wait for batch mates after the first text")
+    max_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        description="longest wait for batch mates after the first text; 0 = leave as soon as the model is"
+        " free (under load, batches fill while the model runs)",
+    )
     max_queue_texts: int = Field(4096, ge=1, description="queued texts before calls get RESOURCE_EXHAUSTED")
     window_texts: int = Field(256, ge=1, description="look-ahead window sorted by length before cutting")
     max_padding_ratio: float = Field(

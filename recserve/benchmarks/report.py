@@ -1,0 +1,521 @@
+"""Reports of a run: a terminal table, the JSON document (every number), a Markdown summary, PNG plots."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+SCHEMA = "recserve-bench/1"
+PACKAGES = (
+    "recserve",
+    "grpcio",
+    "protobuf",
+    "numpy",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "tokenizers",
+    "matplotlib",
+)
+LATENCY_KEYS = ("p50", "p90", "p99", "p99_9", "max")
+LATENCY_TITLES = ("p50", "p90", "p99", "p99.9", "max")
+
+
+# --- context: machine and versions --------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024**2, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "memory_gib": _memory_gib(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_start": load_average(),
+    }
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not available on this platform
+        return None
+
+
+def busy_note(machine: dict[str, Any]) -> str | None:
+    """A warning when other work shared the CPUs as the run started: the figures are then too low."""
+    load, cores = machine.get("load_average_start"), machine.get("usable_cores") or 1
+    if load and load[0] > 0.5 * cores:
+        return (
+            f"the machine was busy when the run started (1-minute load {load[0]} on {cores} cores): other "
+            "work shared the CPUs, so throughput is likely understated and latency overstated"
+        )
+    return None
+
+
+def versions() -> dict[str, str]:
+    # Package metadata only: importing onnxruntime or matplotlib just to read a version would be slow.
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def new_document(kind: str, command: str, settings: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "kind": kind,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "settings": settings,
+        "machine": machine_info(),
+        "versions": versions(),
+        "workload": None,
+        "raw": None,
+        "series": [],
+        "summary": {},
+        "notes": [],
+    }
+
+
+# --- terminal -----------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def step_row(step: dict[str, Any]) -> list[str]:
+    server = step.get("server") or {}
+    lat = step["latency_ms"]
+    late = step.get("schedule", {}).get("late_fraction")
+    return [
+        step["label"],
+        str(step["sent"]),
+        str(step["completed"]),
+        str(step["failed"]),
+        _fmt(step["calls_per_s"]),
+        _fmt(step["texts_per_s"]),
+        _fmt(step.get("ratio_to_raw"), 2),
+        *(_fmt(lat[k], 2) for k in LATENCY_KEYS),
+        _fmt(server.get("mean_batch_size"), 1),
+        _fmt(server.get("padding_ratio"), 2),
+        _pct(server.get("queue_share")),
+        _pct(server.get("inference_share")),
+        _pct(late),
+    ]
+
+
+TABLE_HEADER = [
+    "step",
+    "sent",
+    "ok",
+    "failed",
+    "calls/s",
+    "texts/s",
+    "x raw",
+    *(f"{t} ms" for t in LATENCY_TITLES),
+    "batch",
+    "padding",
+    "queue",
+    "infer",
+    "late",
+]
+
+
+def format_table(rows: Sequence[Sequence[str]], header: Sequence[str] = TABLE_HEADER) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = [
+        "  ".join(
+            h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True))
+        )
+    ]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    return "\n".join(lines)
+
+
+def print_tables(doc: dict[str, Any], out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    for series in doc["series"]:
+        print(f"\n{series['name']} ({series['target']})", file=out)
+        print(format_table([step_row(s) for s in series["steps"]]), file=out)
+    if doc["raw"]:
+        raw = doc["raw"]
+        single = raw["single"]["latency_ms"]["p50"]
+        print(
+            f"\nraw limit: {raw['texts_per_s']:.1f} texts/s in sorted batches of {raw['batch_size']} "
+            f"({raw['threads']} threads); single text p50 {_fmt(single, 2)} ms",
+            file=out,
+        )
+    for key, item in doc["summary"].items():
+        if isinstance(item, dict) and "value" in item:
+            print(f"{key}: {_summary_value(item)}", file=out)
+    for note in doc["notes"]:
+        print(f"note: {note}", file=out)
+
+
+# --- JSON ---------------------------------------------------------------------------------------------
+
+
+def write_json(doc: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+# --- plots --------------------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _offered_load(step: dict[str, Any]) -> float:
+    return float(step["concurrency"] if step["mode"] == "closed" else step["rate"])
+
+
+def _closed_steps(series: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for s in series["steps"] if s["mode"] == "closed"]
+
+
+def plot_knee(doc: dict[str, Any], path: Path, p99_target_ms: float | None = None) -> Path | None:
+    """Latency percentiles against delivered throughput, one curve per series and mode: the knee.
+
+    Points are joined in order of offered load (callers or rate), so a server whose throughput falls back
+    under overload shows it as a curve bending back.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    drawn = False
+    for series in doc["series"]:
+        for mode, marker in (("closed", "o"), ("open", "s")):
+            steps = sorted((s for s in series["steps"] if s["mode"] == mode), key=_offered_load)
+            steps = [s for s in steps if s["latency_ms"]["p50"] is not None]
+            if not steps:
+                continue
+            xs = [s["texts_per_s"] for s in steps]
+            for key, style in (("p50", "-"), ("p99", "--")):
+                ax.plot(
+                    xs,
+                    [s["latency_ms"][key] for s in steps],
+                    style,
+                    marker=marker,
+                    label=f"{series['name']}, {mode} loop, {key}",
+                )
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    if p99_target_ms:
+        ax.axhline(p99_target_ms, color="grey", linestyle=":", label=f"{p99_target_ms:g} ms")
+    ax.set_yscale("log")
+    ax.set_xlabel("delivered throughput (texts/s)")
+    ax.set_ylabel("latency (ms, log scale)")
+    ax.set_title("Latency against throughput")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, plt, path)
+
+
+def plot_throughput(doc: dict[str, Any], path: Path) -> Path | None:
+    """Closed-loop throughput against the number of callers, with the raw limit for scale."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    drawn = False
+    for series in doc["series"]:
+        steps = sorted(_closed_steps(series), key=lambda s: s["concurrency"])
+        if steps:
+            ax.plot(
+                [s["concurrency"] for s in steps],
+                [s["texts_per_s"] for s in steps],
+                marker="o",
+                label=series["name"],
+            )
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    if doc["raw"]:
+        ax.axhline(
+            doc["raw"]["texts_per_s"], color="grey", linestyle="--", label="raw limit (in-process ORT)"
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent callers")
+    ax.set_ylabel("texts/s")
+    ax.set_title("Throughput against concurrency (closed loop)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def plot_batch_sizes(doc: dict[str, Any], path: Path, max_steps: int = 4) -> Path | None:
+    """Share of batches per batch-size bucket, for a few steps (from the server's histogram)."""
+    picked: list[tuple[str, dict[str, Any]]] = []
+    for series in doc["series"]:
+        with_hist = [s for s in series["steps"] if (s.get("server") or {}).get("batches")]
+        # The lightest and the heaviest closed-loop step show what batching does; open loop if none.
+        closed = sorted((s for s in with_hist if s["mode"] == "closed"), key=_offered_load) or with_hist
+        if closed:
+            picked.extend((series["name"], s) for s in {id(s): s for s in (closed[0], closed[-1])}.values())
+    picked = picked[:max_steps]
+    if not picked:
+        return None
+    plt = _pyplot()
+    buckets = sorted({le for _, s in picked for le in s["server"]["batch_size_histogram"]}, key=float)
+    used = [b for b in buckets if any(s["server"]["batch_size_histogram"].get(b) for _, s in picked)]
+    if used:  # no empty buckets beyond the largest batch seen
+        buckets = buckets[: buckets.index(used[-1]) + 1]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    width = 0.8 / len(picked)
+    for j, (name, step) in enumerate(picked):
+        hist = step["server"]["batch_size_histogram"]
+        total = sum(hist.values()) or 1
+        ax.bar(
+            [i + j * width for i in range(len(buckets))],
+            [hist.get(b, 0) / total for b in buckets],
+            width=width,
+            label=f"{name}: {step['label']}",
+        )
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(buckets))])
+    ax.set_xticklabels(["<=" + (b if b == "+Inf" else f"{float(b):g}") for b in buckets], rotation=45)
+    ax.set_xlabel("texts per batch")
+    ax.set_ylabel("share of batches")
+    ax.set_title("Batch sizes formed by the server")
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def _save(fig: Any, plt: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(doc: dict[str, Any], out_dir: Path, p99_target_ms: float | None = None) -> dict[str, str]:
+    """Writes every plot the data allows; returns name -> file name (relative to out_dir)."""
+    makers: dict[str, Callable[[Path], Path | None]] = {
+        "knee": lambda p: plot_knee(doc, p, p99_target_ms),
+        "throughput": lambda p: plot_throughput(doc, p),
+        "batch_sizes": lambda p: plot_batch_sizes(doc, p),
+    }
+    written = {}
+    for name, make in makers.items():
+        if make(out_dir / f"{name}.png") is not None:
+            written[name] = f"{name}.png"
+    return written
+
+
+# --- Markdown -----------------------------------------------------------------------------------------
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _summary_value(item: dict[str, Any]) -> str:
+    text = f"{_fmt(item['value'], item.get('digits', 2))}{item.get('unit', '')}"
+    if item.get("target") is not None:
+        verdict = "meets" if item.get("met") else "misses"
+        text += f" ({verdict} the target {item['target']})"
+    return text
+
+
+def markdown(doc: dict[str, Any], plots: dict[str, str], plot_prefix: str) -> str:
+    """The summary: headline figures, every step, the server's view, raw limit, machine, reproduction."""
+    title = "recserve benchmarks" if doc["kind"] == "suite" else "recserve benchmark run"
+    lines = [
+        f"# {title}",
+        "",
+        f"Measured {doc['created_at']} with `recserve bench` (schema {doc['schema']}).",
+        "",
+    ]
+    if doc["summary"]:
+        lines += ["## Summary", ""]
+        rows = [
+            [item.get("title", key), _summary_value(item), item.get("how", "")]
+            for key, item in doc["summary"].items()
+            if isinstance(item, dict) and "value" in item
+        ]
+        lines += md_table(["figure", "measured", "how"], rows)
+        lines.append("")
+    if doc["workload"]:
+        w = doc["workload"]
+        tok = w["tokens_per_text"]
+        lines += [
+            "## Workload",
+            "",
+            f"{w['description']} (`{w['lengths']}`, seed {w['seed']}): {w['texts']} distinct texts, "
+            f"tokens per text mean {tok['mean']}, p50 {tok['p50']}, p90 {tok['p90']}, "
+            f"{tok['min']}..{tok['max']}; "
+            f"{w['texts_per_call']} text(s) per Embed call; RPC mix {w['rpc']}; vectors as {w['encoding']}.",
+            "",
+        ]
+    for series in doc["series"]:
+        lines += [f"## {series['name'].capitalize()}", ""]
+        info = series.get("server") or {}
+        if info:
+            max_batch = info.get("limits", {}).get("max_batch_size")
+            lines += [
+                f"Target `{series['target']}`: {info.get('model_name')} ({info.get('task')}, "
+                f"{info.get('precision')}, {info.get('provider')}), max batch {max_batch}.",
+                "",
+            ]
+        for mode in ("closed", "open"):
+            steps = [s for s in series["steps"] if s["mode"] == mode]
+            if steps:
+                lines += [f"### {mode.capitalize()} loop", ""]
+                lines += md_table(TABLE_HEADER, [step_row(s) for s in steps])
+                lines.append("")
+                behind = [s["label"] for s in steps if s.get("schedule", {}).get("client_fell_behind")]
+                if behind:
+                    lines += [
+                        f"The client fell behind its schedule in: {', '.join(behind)} (see `schedule`).",
+                        "",
+                    ]
+                warm = [
+                    f"{s['label']} {s['warmup']['errors']}"
+                    for s in steps
+                    if s.get("warmup", {}).get("failed")
+                ]
+                if warm:
+                    lines += [f"Calls failed during warm-up (not in the figures): {'; '.join(warm)}.", ""]
+    extra = doc.get("sections") or {}
+    for heading, body in extra.items():
+        lines += [f"## {heading}", "", *body, ""]
+    if doc["raw"]:
+        raw = doc["raw"]
+        lat = raw["single"]["latency_ms"]
+        lines += [
+            "## Raw limit",
+            "",
+            f"In-process ONNX Runtime on the same model file (`{raw['model_file']}`, {raw['precision']}, "
+            f"{raw['provider']}, {raw['threads']} threads), the same {raw['texts']} texts in length-sorted "
+            f"batches of {raw['batch_size']}, tokenisation included: **{raw['texts_per_s']:.1f} texts/s** "
+            f"({raw['tokens_per_s']:.0f} tokens/s, padding {raw['padding_ratio']}, "
+            f"median of {raw['repeats']} passes). "
+            f"One text at a time: p50 {_fmt(lat['p50'], 2)} ms, p99 {_fmt(lat['p99'], 2)} ms.",
+            "",
+        ]
+    if plots:
+        lines += ["## Plots", ""]
+        for name, file in plots.items():
+            lines += [f"![{name}]({plot_prefix}{file})", ""]
+    lines += ["## Machine and versions", ""]
+    m = doc["machine"]
+    lines += [
+        f"- CPU: {m['cpu_model']}, {m['cores']} cores ({m['usable_cores']} usable), {m['memory_gib']} GiB; "
+        f"{m['platform']}; Python {m['python']}; load average at start {m.get('load_average_start')}, "
+        f"at end {m.get('load_average_end')}",
+        "- Packages: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()),
+    ]
+    for series in doc["series"]:
+        info = series.get("server") or {}
+        if info:
+            lines.append(
+                f"- {series['name']}: server {info.get('server_version')}, model weights sha256 "
+                f"`{info.get('weights_sha256')}`"
+            )
+    lines += ["", "## Method", ""]
+    lines += [
+        "- Closed loop: N callers, each sends its next call when the previous one returns. Open loop: calls "
+        "leave on a fixed or Poisson schedule and each latency runs from the *scheduled* send time, so "
+        "queueing anywhere (server or client) is counted: no coordinated omission.",
+        "- Each step: a warm-up, then measurement windows repeated until two consecutive windows agree on "
+        "throughput within the tolerance, or the cap; figures are over the last two windows. Percentiles are "
+        "exact over every successful call; throughput counts answers arriving inside the windows.",
+        "- Server figures (batch size, padding, queue and inference shares) come from its Prometheus "
+        "metrics, scraped at the start and end of the measurement.",
+        "",
+        "## Reproduce",
+        "",
+        "```sh",
+        doc["command"],
+        "```",
+    ]
+    if doc.get("reproduce_hint"):
+        lines += ["", doc["reproduce_hint"]]
+    for note in doc["notes"]:
+        lines += ["", f"> Note: {note}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(doc: dict[str, Any], path: Path, plots: dict[str, str], plots_dir: Path) -> Path:
+    """Writes the summary at `path`, linking the plots relative to it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(plots_dir.resolve(), path.parent.resolve())
+    prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+    path.write_text(markdown(doc, plots, prefix))
+    return path
+
+
+def write_all(
+    doc: dict[str, Any], out_dir: Path, markdown_path: Path | None, p99_target_ms: float | None = None
+) -> dict[str, Path]:
+    """JSON, plots and Markdown under `out_dir` (Markdown at `markdown_path` if given); returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc["machine"]["load_average_end"] = load_average()
+    note = busy_note(doc["machine"])
+    if note and note not in doc["notes"]:
+        doc["notes"].append(note)
+    plots = write_plots(doc, out_dir, p99_target_ms)
+    md_path = markdown_path or out_dir / "summary.md"
+    paths = {
+        "json": write_json(doc, out_dir / "results.json"),
+        "markdown": write_markdown(doc, md_path, plots, out_dir),
+    }
+    paths.update({name: out_dir / file for name, file in plots.items()})
+    return paths

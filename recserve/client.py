@@ -1,0 +1,550 @@
+"""A typed Python client of the recserve API, sync (`Client`) and async (`AsyncClient`).
+
+Both split big calls so that each stays under the limits the server advertises in Info (texts per call and
+message bytes), decode packed vectors into numpy arrays, and raise one exception class per gRPC status code.
+The planning and decoding are plain functions shared by both; the classes only add the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import grpc
+import grpc.aio
+import numpy as np
+import numpy.typing as npt
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recserve.v1 import inference_pb2 as pb
+from recserve.v1 import inference_pb2_grpc as pb_grpc
+
+FloatArray = npt.NDArray[np.float32]
+Encoding = Literal["f32", "f16", "float"]
+TruncationMode = Literal["truncate", "strict"]
+SimilarityMode = Literal["cosine", "dot"]
+
+SERVICE_NAME = "recserve.v1.Inference"
+MiB = 1024 * 1024
+# NOTE: gRPC's default receive limit is 4 MiB, which a few thousand 384-d float vectors exceed; the server's
+# own default is 64 MiB, so the client accepts as much and still splits calls to what Info advertises.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
+# Fixed bytes of a request or response beside the per-text fields (enum, flags, dimension, framing).
+_MESSAGE_SLACK = 1024
+
+ENCODINGS: dict[str, pb.VectorEncoding] = {
+    "f32": pb.VECTOR_ENCODING_PACKED_F32,
+    "f16": pb.VECTOR_ENCODING_PACKED_F16,
+    "float": pb.VECTOR_ENCODING_FLOAT,
+}
+TRUNCATIONS: dict[str, pb.Truncation] = {"truncate": pb.TRUNCATION_TRUNCATE, "strict": pb.TRUNCATION_STRICT}
+SIMILARITIES: dict[str, pb.Similarity] = {"cosine": pb.SIMILARITY_COSINE, "dot": pb.SIMILARITY_DOT}
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+
+
+class RecserveError(Exception):
+    """A failed call: `code` is the gRPC status code, `details` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidArgument(RecserveError):
+    """The request is wrong (empty, too many texts, a text too long in strict mode, bad weights...)."""
+
+
+class NotFound(RecserveError):
+    pass
+
+
+class ResourceExhausted(RecserveError):
+    """The server's queue is full, or a message is over the size limit: back off or go elsewhere."""
+
+
+class Unavailable(RecserveError):
+    """Unreachable, not yet warm, or draining: retry later or on another replica."""
+
+
+class DeadlineExceeded(RecserveError):
+    pass
+
+
+class Unimplemented(RecserveError):
+    """The target does not serve this RPC: it is probably not a recserve server."""
+
+
+class Internal(RecserveError):
+    pass
+
+
+class ProtocolError(RecserveError):
+    """The server answered, but the answer does not match the request (wrong count or size)."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(grpc.StatusCode.UNKNOWN, details)
+
+
+_ERRORS: dict[grpc.StatusCode, type[RecserveError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
+    grpc.StatusCode.INTERNAL: Internal,
+}
+
+
+def error_from_rpc(exc: grpc.RpcError) -> RecserveError:
+    """The exception class for the call's status code (RecserveError itself for the rarer ones)."""
+    code: grpc.StatusCode = exc.code()
+    details: str = exc.details() or ""
+    return _ERRORS.get(code, RecserveError)(code, details)
+
+
+# --- Info -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_texts_per_call: int
+    max_text_bytes: int
+    max_message_bytes: int
+    max_batch_tokens: int
+    max_batch_size: int
+    max_queue_texts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    model_name: str
+    weights_sha256: str
+    task: str
+    dimension: int
+    max_tokens: int
+    precision: str
+    provider: str
+    pooling: str
+    normalize: bool
+    limits: Limits
+    server_version: str
+
+    @classmethod
+    def from_proto(cls, msg: pb.InfoResponse) -> ServerInfo:
+        lim = msg.limits
+        return cls(
+            model_name=msg.model_name,
+            weights_sha256=msg.weights_sha256,
+            task=msg.task,
+            dimension=msg.dimension,
+            max_tokens=msg.max_tokens,
+            precision=msg.precision,
+            provider=msg.provider,
+            pooling=msg.pooling,
+            normalize=msg.normalize,
+            limits=Limits(
+                max_texts_per_call=lim.max_texts_per_call,
+                max_text_bytes=lim.max_text_bytes,
+                max_message_bytes=lim.max_message_bytes,
+                max_batch_tokens=lim.max_batch_tokens,
+                max_batch_size=lim.max_batch_size,
+                max_queue_texts=lim.max_queue_texts,
+            ),
+            server_version=msg.server_version,
+        )
+
+
+# --- planning, requests and decoding (shared by both clients) ---------------------------------------------
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _text_field_bytes(text: str) -> int:
+    size = len(text.encode("utf-8"))
+    return 1 + _varint_len(size) + size
+
+
+def _vector_bytes(dimension: int, encoding: Encoding) -> int:
+    """Upper bound of the response bytes one text adds: its vector, token count and truncation index."""
+    if encoding == "float":
+        payload = 4 * dimension
+        value = 1 + _varint_len(payload + 1 + _varint_len(payload)) + 1 + _varint_len(payload) + payload
+    else:
+        value = (2 if encoding == "f16" else 4) * dimension
+    return value + 2 * 5
+
+
+def plan_chunks(
+    texts: Sequence[str], *, max_texts: int, budget_bytes: int, response_bytes_per_text: int = 0
+) -> list[slice]:
+    """Consecutive slices of `texts`, each within `max_texts` and within `budget_bytes` both ways.
+
+    A single text over the budget still gets a slice of its own, so the server answers it with a clear
+    status instead of the client failing silently.
+    """
+    n = len(texts)
+    max_texts = max(1, max_texts)
+    # Cheap path: UTF-8 takes at most 4 bytes a character, so most calls need no per-text encoding. An empty
+    # list still makes one call, so that the server's own answer to it reaches the caller.
+    upper = sum(len(t) for t in texts) * 4 + n * 6 + n * response_bytes_per_text
+    if n <= max_texts and upper <= budget_bytes:
+        return [slice(0, n)]
+    chunks: list[slice] = []
+    start = 0
+    req = resp = 0
+    for i, text in enumerate(texts):
+        cost = _text_field_bytes(text)
+        fits = i - start < max_texts and req + cost <= budget_bytes
+        fits = fits and resp + response_bytes_per_text <= budget_bytes
+        if i > start and not fits:
+            chunks.append(slice(start, i))
+            start, req, resp = i, 0, 0
+        req += cost
+        resp += response_bytes_per_text
+    chunks.append(slice(start, n))
+    return chunks
+
+
+def embed_request(
+    texts: Sequence[str], *, encoding: Encoding, normalize: bool | None, truncation: TruncationMode
+) -> pb.EmbedRequest:
+    """The EmbedRequest for `texts`; raises ValueError on an unknown encoding or truncation mode."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"unknown truncation {truncation!r}; choose one of {', '.join(TRUNCATIONS)}")
+    req = pb.EmbedRequest(texts=texts, encoding=ENCODINGS[encoding], truncation=TRUNCATIONS[truncation])
+    if normalize is not None:
+        req.normalize = normalize
+    return req
+
+
+def score_request(
+    candidates: Sequence[str],
+    *,
+    query: str | None,
+    history: Sequence[str] | None,
+    weights: Sequence[float] | None,
+    similarity: SimilarityMode,
+    truncation: TruncationMode,
+) -> pb.ScoreRequest:
+    """The ScoreRequest for a text query or a user history (exactly one of them)."""
+    if (query is None) == (history is None):
+        raise ValueError("pass exactly one of query= and history=")
+    if weights is not None and history is None:
+        raise ValueError("weights= goes with history=")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}")
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"unknown truncation {truncation!r}; choose one of {', '.join(TRUNCATIONS)}")
+    req = pb.ScoreRequest(
+        candidates=candidates, similarity=SIMILARITIES[similarity], truncation=TRUNCATIONS[truncation]
+    )
+    if query is not None:
+        req.query_text = query
+    else:
+        req.user_history.SetInParent()  # an empty history is still a history (and the server says so)
+        req.user_history.texts.extend(history or ())
+        req.user_history.weights.extend(weights or ())
+    return req
+
+
+def decode_vectors(resp: pb.EmbedResponse, count: int) -> FloatArray:
+    """[count, dimension] float32 from any encoding; ProtocolError when the sizes do not add up."""
+    dim = resp.dimension
+    if resp.encoding in (pb.VECTOR_ENCODING_PACKED_F32, pb.VECTOR_ENCODING_PACKED_F16):
+        dtype = "<f4" if resp.encoding == pb.VECTOR_ENCODING_PACKED_F32 else "<f2"
+        flat = np.frombuffer(resp.packed, dtype=dtype)
+        if flat.size != count * dim:
+            raise ProtocolError(f"packed vectors hold {flat.size} values, expected {count} x {dim}")
+        return flat.astype(np.float32).reshape(count, dim)
+    if len(resp.vectors) != count or any(len(v.values) != dim for v in resp.vectors):
+        raise ProtocolError(f"response has {len(resp.vectors)} vectors, expected {count} of dimension {dim}")
+    out = np.empty((count, dim), dtype=np.float32)
+    for row, vec in zip(out, resp.vectors, strict=True):
+        row[:] = vec.values
+    return out
+
+
+def decode_scores(resp: pb.ScoreResponse, count: int) -> FloatArray:
+    if len(resp.scores) != count:
+        raise ProtocolError(f"response has {len(resp.scores)} scores, expected {count}")
+    return np.fromiter(resp.scores, dtype=np.float32, count=count)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def _credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
+    if not tls and root_certificates is None:
+        return None
+    # None roots means the system's trust store.
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+
+
+_HEALTH_NAMES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
+
+
+class _Base:
+    """What both clients share: settings, the cached Info, and the planning that needs it."""
+
+    def __init__(self, max_message_bytes: int, deadline: float | None) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.deadline = deadline
+        self._info: ServerInfo | None = None
+
+    def _budget(self, info: ServerInfo) -> int:
+        limit = min(info.limits.max_message_bytes or self.max_message_bytes, self.max_message_bytes)
+        return max(1, limit - _MESSAGE_SLACK)
+
+    def _embed_requests(
+        self,
+        info: ServerInfo,
+        texts: Sequence[str],
+        encoding: Encoding,
+        normalize: bool | None,
+        truncation: TruncationMode,
+    ) -> list[pb.EmbedRequest]:
+        chunks = plan_chunks(
+            texts,
+            max_texts=info.limits.max_texts_per_call or len(texts),
+            budget_bytes=self._budget(info),
+            response_bytes_per_text=_vector_bytes(info.dimension, encoding),
+        )
+        return [
+            embed_request(texts[c], encoding=encoding, normalize=normalize, truncation=truncation)
+            for c in chunks
+        ]
+
+    def _score_requests(
+        self,
+        info: ServerInfo,
+        candidates: Sequence[str],
+        query: str | None,
+        history: Sequence[str] | None,
+        weights: Sequence[float] | None,
+        similarity: SimilarityMode,
+        truncation: TruncationMode,
+    ) -> list[pb.ScoreRequest]:
+        # The query (or history) travels in every chunk, so it takes its share of each chunk's limits.
+        fixed = list(history or ()) if query is None else [query]
+        max_texts = (info.limits.max_texts_per_call or len(candidates) + len(fixed)) - len(fixed)
+        fixed_bytes = sum(_text_field_bytes(t) for t in fixed) + 5 * len(fixed)
+        chunks = plan_chunks(
+            candidates, max_texts=max_texts, budget_bytes=max(1, self._budget(info) - fixed_bytes)
+        )
+        return [
+            score_request(
+                candidates[c],
+                query=query,
+                history=history,
+                weights=weights,
+                similarity=similarity,
+                truncation=truncation,
+            )
+            for c in chunks
+        ]
+
+    def _deadline(self, deadline: float | None) -> float | None:
+        # A gRPC deadline, not a local wait: it travels to the server, which drops the call once it passes.
+        return self.deadline if deadline is None else deadline
+
+
+class Client(_Base):
+    """Blocking client. `with Client("127.0.0.1:50051") as c: c.embed(["a text"])`."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        deadline: float | None = 30.0,
+    ) -> None:
+        super().__init__(max_message_bytes, deadline)
+        creds = _credentials(tls, root_certificates)
+        opts = channel_options(max_message_bytes)
+        self.channel: grpc.Channel = (
+            grpc.insecure_channel(target, options=opts)
+            if creds is None
+            else grpc.secure_channel(target, creds, options=opts)
+        )
+        self.stub = pb_grpc.InferenceStub(self.channel)  # type: ignore[no-untyped-call]
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method: Any, request: Any, deadline: float | None) -> Any:
+        try:
+            return method(request, timeout=self._deadline(deadline))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def info(self, *, refresh: bool = False, deadline: float | None = None) -> ServerInfo:
+        """What is served and the server's limits (cached after the first call)."""
+        if self._info is None or refresh:
+            self._info = ServerInfo.from_proto(self._call(self.stub.Info, pb.InfoRequest(), deadline))
+        return self._info
+
+    def health(self, service: str = SERVICE_NAME, *, deadline: float | None = None) -> str:
+        """The grpc.health.v1 status name, e.g. SERVING or NOT_SERVING; service "" is the whole server."""
+        resp = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), deadline)
+        return str(_HEALTH_NAMES.get(resp.status, "UNKNOWN"))
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        normalize: bool | None = None,
+        encoding: Encoding = "f32",
+        truncation: TruncationMode = "truncate",
+        deadline: float | None = None,
+    ) -> FloatArray:
+        """One float32 row per text, in order, however many calls it takes."""
+        reqs = self._embed_requests(self.info(), texts, encoding, normalize, truncation)
+        return np.concatenate(
+            [decode_vectors(self._call(self.stub.Embed, r, deadline), len(r.texts)) for r in reqs]
+        )
+
+    def score(
+        self,
+        candidates: Sequence[str],
+        *,
+        query: str | None = None,
+        history: Sequence[str] | None = None,
+        weights: Sequence[float] | None = None,
+        similarity: SimilarityMode = "cosine",
+        truncation: TruncationMode = "truncate",
+        deadline: float | None = None,
+    ) -> FloatArray:
+        """One score per candidate, in order, against a text `query` or a user `history` (with `weights`)."""
+        info = self.info()
+        reqs = self._score_requests(info, candidates, query, history, weights, similarity, truncation)
+        return np.concatenate(
+            [decode_scores(self._call(self.stub.Score, r, deadline), len(r.candidates)) for r in reqs]
+        )
+
+
+class AsyncClient(_Base):
+    """asyncio client over grpc.aio. `async with AsyncClient(target) as c: await c.embed([...])`.
+
+    The chunks of one big call run concurrently, at most `max_concurrent_chunks` at a time, so the server
+    can batch them together.
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        deadline: float | None = 30.0,
+        max_concurrent_chunks: int = 4,
+    ) -> None:
+        super().__init__(max_message_bytes, deadline)
+        self.target = target
+        creds = _credentials(tls, root_certificates)
+        opts = channel_options(max_message_bytes)
+        self.channel: grpc.aio.Channel = (
+            grpc.aio.insecure_channel(target, options=opts)
+            if creds is None
+            else grpc.aio.secure_channel(target, creds, options=opts)
+        )
+        self.stub = pb_grpc.InferenceStub(self.channel)  # type: ignore[no-untyped-call]
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._max_concurrent_chunks = max(1, max_concurrent_chunks)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def _call(self, method: Any, request: Any, deadline: float | None) -> Any:
+        try:
+            return await method(request, timeout=self._deadline(deadline))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    async def _gather(self, calls: Iterator[Any]) -> list[Any]:
+        sem = asyncio.Semaphore(self._max_concurrent_chunks)
+
+        async def bounded(coro: Any) -> Any:
+            async with sem:
+                return await coro
+
+        return list(await asyncio.gather(*(bounded(c) for c in calls)))
+
+    async def info(self, *, refresh: bool = False, deadline: float | None = None) -> ServerInfo:
+        """What is served and the server's limits (cached after the first call)."""
+        if self._info is None or refresh:
+            self._info = ServerInfo.from_proto(await self._call(self.stub.Info, pb.InfoRequest(), deadline))
+        return self._info
+
+    async def health(self, service: str = SERVICE_NAME, *, deadline: float | None = None) -> str:
+        """The grpc.health.v1 status name, e.g. SERVING or NOT_SERVING; service "" is the whole server."""
+        req = health_pb2.HealthCheckRequest(service=service)
+        resp = await self._call(self._health.Check, req, deadline)
+        return str(_HEALTH_NAMES.get(resp.status, "UNKNOWN"))
+
+    async def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        normalize: bool | None = None,
+        encoding: Encoding = "f32",
+        truncation: TruncationMode = "truncate",
+        deadline: float | None = None,
+    ) -> FloatArray:
+        """One float32 row per text, in order, however many calls it takes."""
+        reqs = self._embed_requests(await self.info(), texts, encoding, normalize, truncation)
+        resps = await self._gather(self._call(self.stub.Embed, r, deadline) for r in reqs)
+        return np.concatenate(
+            [decode_vectors(resp, len(r.texts)) for r, resp in zip(reqs, resps, strict=True)]
+        )
+
+    async def score(
+        self,
+        candidates: Sequence[str],
+        *,
+        query: str | None = None,
+        history: Sequence[str] | None = None,
+        weights: Sequence[float] | None = None,
+        similarity: SimilarityMode = "cosine",
+        truncation: TruncationMode = "truncate",
+        deadline: float | None = None,
+    ) -> FloatArray:
+        """One score per candidate, in order, against a text `query` or a user `history` (with `weights`)."""
+        info = await self.info()
+        reqs = self._score_requests(info, candidates, query, history, weights, similarity, truncation)
+        resps = await self._gather(self._call(self.stub.Score, r, deadline) for r in reqs)
+        return np.concatenate(
+            [decode_scores(resp, len(r.candidates)) for r, resp in zip(reqs, resps, strict=True)]
+        )
