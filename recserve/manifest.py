@@ -43,7 +43,10 @@ class Parity(_Strict):
     # Largest absolute difference between a text run alone and inside a padded batch of 32.
     batch_invariance: float
     provider: str
+    # min_cosine must reach it (embedding); max_abs_diff must stay within it (cross-encoder).
     threshold: float
+    # batch_invariance must stay within it.
+    batch_invariance_threshold: float | None = None
     passed: bool
     worst: list[dict[str, Any]] = Field(default_factory=list)
 
@@ -61,6 +64,8 @@ class Variant(_Strict):
     # Seconds to run the timing workload, per graph considered (fp32 keeps the faster one).
     timings: dict[str, float] = Field(default_factory=dict)
     parity: Parity
+    # fp16 is checked on the CPU provider everywhere and, where the exporting machine has one, on CUDA too.
+    parity_cuda: Parity | None = None
     notes: str = ""
 
 
@@ -74,6 +79,10 @@ class ExportInfo(_Strict):
     versions: dict[str, str]
     created_at: str
     steps: dict[str, float] = Field(default_factory=dict)
+    # What ONNX Runtime's transformer fusion produced, whichever graph each variant then kept.
+    fused_ops: dict[str, int] = Field(default_factory=dict)
+    # Variants asked for but not written, with the reason (a failed parity gate, say).
+    rejected: dict[str, str] = Field(default_factory=dict)
 
 
 class Manifest(_Strict):

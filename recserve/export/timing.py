@@ -1,0 +1,47 @@
+"""Times CPU graphs against each other on a realistic mix of text lengths (fp32 fused vs plain, and int8).
+
+Two workloads over the parity texts: `batched` (length-sorted batches of 16, what the server's
+length-sorting batcher forms under load) and `batch1` (32 texts one at a time, the idle-server case).
+The candidates run interleaved, several rounds, and each batch keeps its fastest time: on a shared machine
+that is far steadier than one pass per graph, because interference only ever adds time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from recserve.export.runner import Encoder, Feeds, Item
+
+BATCH = 16
+SINGLE_TEXTS = 32
+ROUNDS = 3
+
+
+def time_graphs(encoders: dict[str, Encoder], items: Sequence[Item]) -> dict[str, dict[str, float]]:
+    """name -> {"batched": seconds, "batch1": seconds}, each a sum of per-batch best times."""
+    first = next(iter(encoders.values()))
+    lengths = [len(ids) for ids in first.token_ids(items)]
+    ordered = [items[i] for i in sorted(range(len(items)), key=lambda i: lengths[i])]
+    workloads = {
+        "batched": [ordered[i : i + BATCH] for i in range(0, len(ordered), BATCH)],
+        "batch1": [[item] for item in items[:SINGLE_TEXTS]],
+    }
+    feeds: dict[str, dict[str, list[Feeds]]] = {
+        name: {w: [enc.feeds(batch)[0] for batch in batches] for w, batches in workloads.items()}
+        for name, enc in encoders.items()
+    }
+    best = {name: {w: [float("inf")] * len(b) for w, b in workloads.items()} for name in encoders}
+    for name, enc in encoders.items():  # warm-up: first runs allocate and plan
+        enc.run_feeds(feeds[name]["batched"][-1])
+    names = list(encoders)
+    for round_ in range(ROUNDS):
+        # Alternate the order so no graph always runs right after another's cache-warming pass.
+        for name in names if round_ % 2 == 0 else reversed(names):
+            for workload, batches in feeds[name].items():
+                for i, batch in enumerate(batches):
+                    start = time.perf_counter()
+                    encoders[name].run_feeds(batch)
+                    elapsed = time.perf_counter() - start
+                    best[name][workload][i] = min(best[name][workload][i], elapsed)
+    return {name: {w: round(sum(times), 4) for w, times in per.items()} for name, per in best.items()}
