@@ -348,6 +348,30 @@ def test_not_serving_until_warm_up_ends(tiny_repo: Path) -> None:
         thread.stop()
 
 
+def test_a_dead_batch_loop_turns_the_server_not_serving(tiny_repo: Path) -> None:
+    with serving(tiny_repo) as server:
+        stub, health = server.stub(), health_pb2_grpc.HealthStub(server.channel())
+        assert embed(stub, ["before"]).shape[0] == 1
+        assert server.server is not None
+        batcher = server.server.engine.batcher
+
+        def bug(now: float) -> None:
+            raise RuntimeError("a bug in batch assembly")
+
+        batcher._cut = bug  # type: ignore[method-assign]  # the next wake-up of the loop dies
+        code, _ = status_of(stub.Embed, pb.EmbedRequest(texts=["the call that meets the bug"]))
+        assert code == grpc.StatusCode.UNAVAILABLE  # answered, not hung
+        reply = None
+        for _ in range(200):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+            if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            threading.Event().wait(0.01)
+        assert reply is not None and reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        code, details = status_of(stub.Embed, pb.EmbedRequest(texts=["later"]))
+        assert code == grpc.StatusCode.UNAVAILABLE and "not serving" in details
+
+
 def test_cross_encoder_scores_match_pytorch(tiny_cross_repo: Path, tiny_cross_checkpoint: Path) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -90,11 +90,18 @@ class InferenceService(pb_grpc.InferenceServicer):
         """Runs one call: request id, timings in trailing metadata, metrics, and the status mapping."""
         started = time.perf_counter()
         request_id = dict(context.invocation_metadata() or ()).get("x-request-id") or uuid.uuid4().hex[:16]
-        code = grpc.StatusCode.OK
         self.metrics.in_flight.inc()
+        failure: BaseException
         try:
             reply, timings, texts = await call()
+        except asyncio.CancelledError:
+            self._record(rpc, grpc.StatusCode.CANCELLED, "cancelled", started, request_id)
+            raise
+        except Exception as exc:
+            failure = exc
+        else:
             self.metrics.texts.labels(rpc).inc(texts)
+            self.metrics.tokenize_seconds.observe(timings.tokenize_s)
             context.set_trailing_metadata(
                 (
                     ("x-request-id", request_id),
@@ -103,36 +110,38 @@ class InferenceService(pb_grpc.InferenceServicer):
                     ("x-infer-ms", f"{timings.infer_s * 1e3:.3f}"),
                 )
             )
-            self.metrics.tokenize_seconds.observe(timings.tokenize_s)
+            self._record(rpc, grpc.StatusCode.OK, None, started, request_id)
             return reply
-        except errors.ServeError as exc:
-            code = STATUS[type(exc)]
-            self.metrics.failures.labels(exc.reason).inc()
-            if isinstance(exc, errors.Internal):
-                log.error("internal error", exc_info=exc, extra={"request_id": request_id, "rpc": rpc})
-                message = f"internal error (request id {request_id}); the server log has the details"
-            else:
-                log.info("call refused", extra={"request_id": request_id, "rpc": rpc, "code": code.name})
-                message = str(exc)
-            context.set_trailing_metadata((("x-request-id", request_id),))
-            await context.abort(code, message)
-            raise AssertionError("unreachable: abort raises") from None
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            self.metrics.failures.labels("cancelled").inc()
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            self.metrics.failures.labels("internal").inc()
-            log.exception("unexpected error", extra={"request_id": request_id, "rpc": rpc})
-            await context.abort(
-                code, f"internal error (request id {request_id}); the server log has the details"
-            )
-            raise AssertionError("unreachable: abort raises") from None
-        finally:
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels(rpc, code.name).inc()
-            self.metrics.request_seconds.labels(rpc).observe(time.perf_counter() - started)
+
+        known = isinstance(failure, errors.ServeError) and not isinstance(failure, errors.Internal)
+        code = STATUS[type(failure)] if isinstance(failure, errors.ServeError) else grpc.StatusCode.INTERNAL
+        if known:
+            log.info("call refused", extra={"request_id": request_id, "rpc": rpc, "code": code.name})
+            message = str(failure)
+        else:
+            log.error("internal error", exc_info=failure, extra={"request_id": request_id, "rpc": rpc})
+            message = f"internal error (request id {request_id}); the server log has the details"
+        reason = failure.reason if isinstance(failure, errors.ServeError) else "internal"
+        # NOTE: recorded before abort: the client has its status as soon as abort sends it.
+        self._record(rpc, code, reason, started, request_id)
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        await context.abort(code, message)
+        raise AssertionError("unreachable: abort raises")
+
+    def _record(
+        self, rpc: str, code: grpc.StatusCode, reason: str | None, started: float, request_id: str
+    ) -> None:
+        """Counts one finished call, exactly once, before its status reaches the client."""
+        seconds = time.perf_counter() - started
+        self.metrics.in_flight.dec()
+        self.metrics.requests.labels(rpc, code.name).inc()
+        self.metrics.request_seconds.labels(rpc).observe(seconds)
+        if reason is not None:
+            self.metrics.failures.labels(reason).inc()
+        log.debug(
+            "call",
+            extra={"request_id": request_id, "rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 3)},
+        )
 
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[object, object]
