@@ -459,7 +459,6 @@ def test_run_against_the_real_server_closed_and_open(tiny_repo: Path, tmp_path: 
         assert server_side["batches"] > 0 and server_side["mean_batch_size"] >= 1
         assert server_side["padding_ratio"] >= 1
         assert server_side["requests"].get("Embed:OK", 0) > 0
-    assert closed[1]["calls_per_s"] > closed[0]["calls_per_s"]  # 8 callers get more done than 1
     assert abs(opened[0]["sent"] - 40 * opened[0]["window_s"]) <= 0.5 * 40 * opened[0]["window_s"]  # Poisson
 
 
