@@ -203,7 +203,7 @@ def test_poisson_gaps_are_seeded_and_average_the_rate() -> None:
 
 
 async def test_closed_loop_numbers_are_consistent(fast: FakeServer) -> None:
-    plan = StepPlan("closed", concurrency=4, warmup_s=0.2, window_s=0.5, max_windows=3, tolerance=0.5)
+    plan = StepPlan(mode="closed", concurrency=4, warmup_s=0.2, window_s=0.5, max_windows=3, tolerance=0.5)
     async with AsyncClient(fast.address) as client:
         step = await run_step(plan, client.stub, build_workload(WorkloadSpec()))
     check_step(step)
@@ -214,7 +214,7 @@ async def test_closed_loop_numbers_are_consistent(fast: FakeServer) -> None:
 
 
 async def test_open_loop_keeps_its_schedule(fast: FakeServer) -> None:
-    plan = StepPlan("open", rate=100.0, arrival="fixed", warmup_s=0.2, window_s=1.0, max_windows=1)
+    plan = StepPlan(mode="open", rate=100.0, arrival="fixed", warmup_s=0.2, window_s=1.0, max_windows=1)
     async with AsyncClient(fast.address) as client:
         step = await run_step(plan, client.stub, build_workload(WorkloadSpec()))
     check_step(step)
@@ -234,7 +234,9 @@ async def test_open_loop_latency_includes_the_queue_of_a_slow_server() -> None:
             workload = build_workload(WorkloadSpec())
             light, heavy = [
                 await run_step(
-                    StepPlan("open", rate=rate, arrival="fixed", warmup_s=0.0, window_s=1.0, max_windows=1),
+                    StepPlan(
+                        mode="open", rate=rate, arrival="fixed", warmup_s=0.0, window_s=1.0, max_windows=1
+                    ),
                     client.stub,
                     workload,
                 )
@@ -258,7 +260,9 @@ async def test_open_loop_says_when_the_client_itself_fell_behind() -> None:
     wait for room, and the report must say that the client, not only the server, limited the step."""
     with fake_server(FakeInference(delay_s=0.04)) as server:
         async with AsyncClient(server.address) as client:
-            plan = StepPlan("open", rate=100.0, arrival="fixed", warmup_s=0.0, window_s=0.5, max_in_flight=2)
+            plan = StepPlan(
+                mode="open", rate=100.0, arrival="fixed", warmup_s=0.0, window_s=0.5, max_in_flight=2
+            )
             step = await run_step(replace(plan, max_windows=1), client.stub, build_workload(WorkloadSpec()))
     check_step(step, steady=False)
     sched = step["schedule"]

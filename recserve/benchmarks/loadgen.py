@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import grpc
@@ -45,13 +45,9 @@ BoundaryHook = Callable[[int], Awaitable[None]]
 
 
 @dataclass(frozen=True)
-class StepPlan:
-    """One step of a sweep; every field is reported with its results."""
+class LoadSettings:
+    """How each step runs (shared by `run` and `suite`)."""
 
-    mode: Literal["closed", "open"]
-    concurrency: int = 1
-    rate: float = 0.0
-    arrival: Literal["poisson", "fixed"] = "poisson"
     warmup_s: float = 2.0
     window_s: float = 5.0
     max_windows: int = 3
@@ -59,6 +55,19 @@ class StepPlan:
     deadline_s: float = 10.0
     max_calls: int = 1_000_000
     max_in_flight: int = 4096
+
+    def plan(self, mode: Literal["closed", "open"], **kw: Any) -> StepPlan:
+        return StepPlan(mode=mode, **asdict(self), **kw)
+
+
+@dataclass(frozen=True)
+class StepPlan(LoadSettings):
+    """One step of a sweep: the load settings plus what is swept; every field is reported with its results."""
+
+    mode: Literal["closed", "open"] = "closed"
+    concurrency: int = 1
+    rate: float = 0.0
+    arrival: Literal["poisson", "fixed"] = "poisson"
     late_after_s: float = 0.005
     seed: int = 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from recserve.benchmarks import report
-from recserve.benchmarks.loadgen import BoundaryHook, StepPlan, run_step
+from recserve.benchmarks.loadgen import BoundaryHook, LoadSettings, StepPlan, run_step
 from recserve.benchmarks.scrape import ScrapeError, Snapshot, fetch_async, server_view
 from recserve.benchmarks.workloads import RpcKind, Workload, WorkloadError, WorkloadSpec, build_workload
 from recserve.client import (
@@ -42,22 +42,6 @@ class ConfigError(ValueError):
 
 class TargetError(RuntimeError):
     """The target cannot be load-tested: unreachable, not our API, or not SERVING."""
-
-
-@dataclass(frozen=True)
-class LoadSettings:
-    """How each step runs (shared by `run` and `suite`)."""
-
-    warmup_s: float = 2.0
-    window_s: float = 5.0
-    max_windows: int = 3
-    tolerance: float = 0.05
-    deadline_s: float = 10.0
-    max_calls: int = 1_000_000
-    max_in_flight: int = 4096
-
-    def plan(self, mode: Literal["closed", "open"], **kw: Any) -> StepPlan:
-        return StepPlan(mode=mode, **asdict(self), **kw)
 
 
 @dataclass(frozen=True)

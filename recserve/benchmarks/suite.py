@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from recserve.benchmarks import report
+from recserve.benchmarks.loadgen import LoadSettings
 from recserve.benchmarks.runner import (
     EXIT_TARGET,
     EXIT_USAGE,
-    LoadSettings,
     ProgressLine,
     TargetError,
     check_target,
