@@ -216,6 +216,14 @@ BAD_SCORES = {
     "wrong weight count": (_history(["a", "b"], [1.0]), "2 texts but 1 weights"),
     "all-zero weights": (_history(["a", "b"], [0.0, 0.0]), "all zero"),
     "empty history": (_history([], []), "user_history.texts is empty"),
+    "query over the byte limit": (
+        pb.ScoreRequest(query_text="é" * 3000, candidates=["c"]),
+        "query_text[0] is 6000",
+    ),
+    "over-long query in strict mode": (
+        pb.ScoreRequest(query_text="word " * 600, candidates=["c"], truncation=pb.TRUNCATION_STRICT),
+        "query_text[0] is longer than",
+    ),
     "unknown similarity": (
         pb.ScoreRequest(query_text="q", candidates=["c"], similarity=5),
         "unknown similarity",

@@ -162,15 +162,14 @@ class Engine:
         deadline: float | None,
     ) -> ScoreResult:
         if isinstance(query, UserHistory):
-            self._check_texts("user_history.texts", query.texts)
-            weights = self._weights(query)
-            head = list(query.texts)
+            head_name, head, weights = "user_history.texts", list(query.texts), self._weights(query)
         else:
-            head = [query]
+            head_name, head, weights = "query_text", [query], np.ones(1, dtype=np.float32)
+        self._check_texts(head_name, head)
         timings = Timings()
         # The query (or history) and the candidates travel together: one submission, one queue wait.
         items = await self._tokenize(timings, self._encode, [*head, *candidates])
-        self._truncated("user_history.texts", items[: len(head)], strict)
+        self._truncated(head_name, items[: len(head)], strict)
         truncated = self._truncated("candidates", items[len(head) :], strict)
         rows = await self._run(timings, items, deadline)
         head_rows, candidate_rows = rows[: len(head)], rows[len(head) :]
