@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -199,15 +200,18 @@ async def run_suite(cfg: SuiteConfig, err: TextIO | None = None) -> int:
         progress.finish(
             f"raw limit: {len(workload.texts)} texts, {cfg.threads} threads, {cfg.raw_repeats} passes"
         )
-    raw = await asyncio.to_thread(
-        raw_limit,
-        cfg.model_repo,
-        workload.texts,
-        threads=cfg.threads,
-        repeats=cfg.raw_repeats,
-        singles=cfg.singles,
-    )
-    doc["raw"] = raw
+
+    def measure_raw() -> Awaitable[dict[str, Any]]:
+        return asyncio.to_thread(
+            raw_limit,
+            cfg.model_repo,
+            workload.texts,
+            threads=cfg.threads,
+            repeats=cfg.raw_repeats,
+            singles=cfg.singles,
+        )
+
+    raw = doc["raw"] = await measure_raw()
     seed = cfg.workload.seed
     closed_c = sorted(set(cfg.concurrency) | set(cfg.compare))
     logs = cfg.out / "logs"
@@ -241,15 +245,7 @@ async def run_suite(cfg: SuiteConfig, err: TextIO | None = None) -> int:
         # again once the served sweep is over, with nothing else running, and ratios use the mean of both.
         if progress is not None:
             progress.finish("raw limit again, after the served sweep")
-        raw_after = await asyncio.to_thread(
-            raw_limit,
-            cfg.model_repo,
-            workload.texts,
-            threads=cfg.threads,
-            repeats=cfg.raw_repeats,
-            singles=cfg.singles,
-        )
-        raw = doc["raw"] = _merge_raw(raw, raw_after)
+        raw = doc["raw"] = _merge_raw(raw, await measure_raw())
         async with (
             local_server(
                 cfg.model_repo,
