@@ -427,3 +427,21 @@ def test_serving_never_imports_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--model-repo", "/no/such/repo"], "does not exist"),
+        (["--max-batch-size", "512"], "window_texts (256) must be at least max_batch_size (512)"),
+        (["--port", "70000"], "--port"),
+    ],
+)
+def test_serve_refuses_bad_settings_with_one_line(
+    tiny_repo: Path, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from recserve.cli import main
+
+    assert main(["serve", "--model-repo", str(tiny_repo), "--port", "0", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

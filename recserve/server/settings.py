@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -60,3 +60,11 @@ class ServerSettings(BaseSettings):
     warmup: bool = Field(True, description="run a batch of each size class before reporting SERVING")
     log_format: Literal["json", "text"] = Field("json", description="one line per event, JSON or key=value")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log threshold")
+
+    @model_validator(mode="after")
+    def _window_holds_a_batch(self) -> ServerSettings:
+        if self.window_texts < self.max_batch_size:
+            raise ValueError(
+                f"window_texts ({self.window_texts}) must be at least max_batch_size ({self.max_batch_size})"
+            )
+        return self
