@@ -17,7 +17,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from recserve.server.app import RunningServer
-from recserve.server.runtime import CPU, CUDA, RuntimeSelectionError, select_runtime
+from recserve.server.runtime import (
+    CPU,
+    CUDA,
+    RuntimeSelectionError,
+    ThreadShare,
+    default_concurrent_batches,
+    select_runtime,
+)
 from recserve.server.service import SERVICE_NAME
 from recserve.v1 import inference_pb2 as pb
 from recserve.v1 import inference_pb2_grpc as pb_grpc
@@ -76,6 +83,26 @@ def test_runtime_refuses_what_cannot_be_met() -> None:
         select_runtime([CPU], ["fp32"], precision="int8")
 
 
+def test_concurrent_batches_default_to_two_on_a_multicore_cpu_only() -> None:
+    assert default_concurrent_batches(CPU, 2) == 2
+    assert default_concurrent_batches(CPU, 16) == 2
+    assert default_concurrent_batches(CPU, 1) == 1  # one thread: nothing to share
+    assert default_concurrent_batches(CUDA, 16) == 1
+
+
+def test_thread_share_gives_every_thread_only_to_a_batch_that_starts_alone() -> None:
+    share = ThreadShare()
+    with share.enter() as first:
+        with share.enter() as second:  # starts while the first runs
+            pass
+        with share.enter() as third:  # the first still runs
+            pass
+    with share.enter() as later:  # everything finished: alone again
+        pass
+    assert (first, second, third, later) == (True, False, False, True)
+    assert share.started == {"alone": 2, "shared": 2}
+
+
 # --- the API --------------------------------------------------------------------------------------------
 def test_info_reports_model_runtime_and_limits(stub: pb_grpc.InferenceStub, server: ServerThread) -> None:
     info = stub.Info(pb.InfoRequest())
@@ -129,14 +156,11 @@ def test_timings_and_request_id_travel_in_trailing_metadata(stub: pb_grpc.Infere
     assert float(trailing["x-infer-ms"]) > 0.0
 
 
-def test_concurrent_calls_each_get_their_own_vector(
-    server: ServerThread, stub: pb_grpc.InferenceStub
-) -> None:
-    texts = [f"item {i}: " + "token " * (i % 37) for i in range(500)]
-    expected = np.concatenate([embed(stub, texts[i : i + 50]) for i in range(0, len(texts), 50)])
+def concurrent_single_text_calls(address: str, texts: list[str]) -> np.ndarray:
+    """One Embed call per text, all at once; the vectors in the order of `texts`."""
 
     async def main() -> list[np.ndarray]:
-        async with grpc.aio.insecure_channel(server.address) as channel:
+        async with grpc.aio.insecure_channel(address) as channel:
             aio_stub = pb_grpc.InferenceStub(channel)
 
             async def one(text: str) -> np.ndarray:
@@ -147,12 +171,42 @@ def test_concurrent_calls_each_get_their_own_vector(
 
             return await asyncio.gather(*(one(t) for t in texts))
 
-    got = np.stack(asyncio.run(main()))
+    return np.stack(asyncio.run(main()))
+
+
+def assert_each_is_its_own(got: np.ndarray, expected: np.ndarray) -> None:
     assert got.shape == expected.shape
     # Each answer is its own text's vector (nothing lost, nothing swapped): nearest reference is itself.
     nearest = np.argmax(got @ expected.T, axis=1)
-    assert (nearest == np.arange(len(texts))).all()
+    assert (nearest == np.arange(len(expected))).all()
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+MANY_TEXTS = [f"item {i}: " + "token " * (i % 37) for i in range(500)]
+
+
+def test_concurrent_calls_each_get_their_own_vector(
+    server: ServerThread, stub: pb_grpc.InferenceStub
+) -> None:
+    texts = MANY_TEXTS
+    expected = np.concatenate([embed(stub, texts[i : i + 50]) for i in range(0, len(texts), 50)])
+    assert_each_is_its_own(concurrent_single_text_calls(server.address, texts), expected)
+
+
+def test_concurrent_batches_share_the_threads_and_answer_the_same(
+    server: ServerThread, stub: pb_grpc.InferenceStub, tiny_repo: Path
+) -> None:
+    """Two threads: a batch alone runs on both, batches that overlap on one each; the vectors agree."""
+    expected = concurrent_single_text_calls(server.address, MANY_TEXTS)
+    with serving(tiny_repo, intra_op_threads=2) as shared:
+        assert shared.server is not None
+        backend = shared.server.backend
+        assert (backend.concurrent_batches, backend.threads) == (2, (2, 1))
+        got = concurrent_single_text_calls(shared.address, MANY_TEXTS)
+        lone = embed(shared.stub(), MANY_TEXTS[:1])
+    assert backend.share.started["shared"] > 0 and backend.share.started["alone"] > 0
+    assert_each_is_its_own(got, expected)
+    np.testing.assert_allclose(lone[0], expected[0], atol=1e-5)
 
 
 def test_score_is_cosine_of_embed_and_user_vector_follows_the_formula(stub: pb_grpc.InferenceStub) -> None:

@@ -40,7 +40,9 @@ def raw_limit(
 
     manifest = Manifest.load(repo)
     # The server's own default device choice ("auto"), so the limit runs where the server would.
-    backend = load_backend(repo, manifest, "auto", precision, threads, 1)
+    # One batch at a time on every thread: the fastest way to run the model alone (two concurrent
+    # single-thread batches are slower here), so the server is held to the stricter limit.
+    backend = load_backend(repo, manifest, "auto", precision, threads, 1, concurrent_batches=1)
     tokenizers = TokenizerPool(repo / manifest.tokenizer_file, 1)
     cross = manifest.task == "cross-encoder"
     query = texts[0]

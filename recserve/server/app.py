@@ -45,6 +45,7 @@ class RunningServer:
     port: int
     metrics_port: int | None
     engine: Engine
+    backend: OnnxBackend
     metrics: Metrics
     health: health.aio.HealthServicer
     grpc_server: grpc.aio.Server
@@ -92,7 +93,7 @@ async def _warm_up(backend: OnnxBackend, settings: ServerSettings, executor: Thr
     loop = asyncio.get_running_loop()
     batches = warmup_batches(settings.max_batch_size, settings.max_batch_tokens, backend.manifest.max_length)
     for batch in batches:
-        await loop.run_in_executor(executor, backend.run, batch)
+        await loop.run_in_executor(executor, backend.warm_up, batch)
     log.info(
         "warm-up done", extra={"batches": len(batches), "seconds": round(time.perf_counter() - started, 3)}
     )
@@ -121,15 +122,14 @@ async def running_server(
         settings.precision,
         settings.intra_op_threads,
         settings.inter_op_threads,
+        settings.max_concurrent_batches,
     )
     tokenizers = TokenizerPool(settings.model_repo / manifest.tokenizer_file, settings.tokenizer_threads)
     metrics = Metrics(registry)
     metrics.set_model(
         manifest.model_name, manifest.source.weights_sha256, backend.selection.precision, backend.provider
     )
-    model_executor = ThreadPoolExecutor(
-        max_workers=settings.max_concurrent_batches, thread_name_prefix="model"
-    )
+    model_executor = ThreadPoolExecutor(max_workers=backend.concurrent_batches, thread_name_prefix="model")
     health_servicer = health.aio.HealthServicer()
     grpc_server = grpc.aio.server(options=grpc_options(settings))
 
@@ -150,7 +150,7 @@ async def running_server(
             max_delay_s=settings.max_delay_ms / 1000,
             max_queue_texts=settings.max_queue_texts,
             window_texts=settings.window_texts,
-            max_concurrent_batches=settings.max_concurrent_batches,
+            max_concurrent_batches=backend.concurrent_batches,
             max_padding_ratio=settings.max_padding_ratio,
         ),
         model_executor,
@@ -191,7 +191,9 @@ async def running_server(
         metrics_port, metrics_http = serve_metrics(metrics, settings.host, settings.metrics_port)
     await grpc_server.start()
     log.info("listening", extra={"address": f"{settings.host}:{port}", "metrics_port": metrics_port})
-    running = RunningServer(settings, port, metrics_port, engine, metrics, health_servicer, grpc_server)
+    running = RunningServer(
+        settings, port, metrics_port, engine, backend, metrics, health_servicer, grpc_server
+    )
     try:
         await batcher.start()
         if settings.warmup:

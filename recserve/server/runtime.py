@@ -5,9 +5,10 @@ This is the only server module that imports onnxruntime; it knows nothing of gRP
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,8 +89,42 @@ def select_runtime(
     raise RuntimeSelectionError("the repository lists no variants")
 
 
+class ThreadShare:
+    """Which session a batch runs on: the one with every thread when it runs alone, else a narrower one.
+
+    On a CPU, one batch on all cores gives the lowest latency, but under load a single execution leaves
+    cores idle: its threads wait for each other at every operator while the server's own Python work
+    (gRPC, tokenising, pooling) preempts one of them. Splitting the cores between concurrent batches
+    keeps every core busy instead. A lone batch on fewer threads would be slower, though, so a batch that
+    starts when nothing else runs still gets every thread. BENCHMARKS.md compares the two.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self.started = {"alone": 0, "shared": 0}  # batches by how they started, for tests and debugging
+
+    @contextlib.contextmanager
+    def enter(self) -> Iterator[bool]:
+        """Counts one running batch; yields True when no other batch was running as it started."""
+        with self._lock:
+            alone = self._running == 0
+            self._running += 1
+            self.started["alone" if alone else "shared"] += 1
+        try:
+            yield alone
+        finally:
+            with self._lock:
+                self._running -= 1
+
+
 class OnnxBackend:
-    """Runs padded batches through one ORT session and pools them; blocking, for an executor thread."""
+    """Runs padded batches through ORT and pools them; blocking, for `concurrent_batches` executor threads.
+
+    On the CPU with `concurrent_batches` > 1 it holds two sessions of the same file: one with
+    `intra_op_threads` for a batch that starts alone, and one with `intra_op_threads // concurrent_batches`
+    for a batch that starts while others run (see ThreadShare). On CUDA the GPU does the work: one session.
+    """
 
     def __init__(
         self,
@@ -98,27 +133,44 @@ class OnnxBackend:
         selection: Selection,
         intra_op_threads: int,
         inter_op_threads: int = 1,
+        concurrent_batches: int = 1,
     ) -> None:
         self.manifest = manifest
         self.selection = selection
-        variant = manifest.variants[selection.precision]
+        self.concurrent_batches = concurrent_batches
+        model_file = str(repo / manifest.variants[selection.precision].file)
+        providers: list[Any] = [selection.provider]
+        if selection.provider == CUDA:
+            providers = [(CUDA, {"device_id": 0}), CPU]
+        self.session = self._open(model_file, providers, intra_op_threads, inter_op_threads)
+        in_use = self.session.get_providers()[0]
+        if in_use != selection.provider:
+            # ORT silently falls back when the CUDA libraries fail to load; the server must say so.
+            log.warning("provider fallback", extra={"asked": selection.provider, "got": in_use})
+            self.selection = Selection(selection.precision, in_use, f"{selection.provider} failed to load")
+        # Threads of a batch that starts alone, and of one that starts while others run.
+        shared_threads = intra_op_threads
+        if self.selection.provider == CPU:
+            shared_threads = max(1, intra_op_threads // concurrent_batches)
+        self.threads = (intra_op_threads, shared_threads)
+        self._shared_session = self.session
+        if shared_threads != intra_op_threads:
+            self._shared_session = self._open(model_file, [CPU], shared_threads, inter_op_threads)
+        self.share = ThreadShare()
+        self._input_names = [i.name for i in self.session.get_inputs()]
+        self._use_io_binding = self.selection.provider == CUDA
+
+    @staticmethod
+    def _open(
+        model_file: str, providers: list[Any], intra_op_threads: int, inter_op_threads: int
+    ) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # The exported graph is already fused offline; this level re-applies only what is cheap and safe.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        providers: list[Any] = [selection.provider]
-        if selection.provider == CUDA:
-            providers = [(CUDA, {"device_id": 0}), CPU]
-        self.session = ort.InferenceSession(str(repo / variant.file), options, providers=providers)
-        in_use = self.session.get_providers()[0]
-        if in_use != selection.provider:
-            # ORT silently falls back when the CUDA libraries fail to load; the server must say so.
-            log.warning("provider fallback", extra={"asked": selection.provider, "got": in_use})
-            self.selection = Selection(selection.precision, in_use, f"{selection.provider} failed to load")
-        self._input_names = [i.name for i in self.session.get_inputs()]
-        self._use_io_binding = self.selection.provider == CUDA
+        return ort.InferenceSession(model_file, options, providers=providers)
 
     @property
     def provider(self) -> str:
@@ -136,42 +188,69 @@ class OnnxBackend:
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         return {name: feeds[name] for name in self._input_names}
 
-    def _run_session(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def _run_session(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> np.ndarray:
         output = self.manifest.output_name
         if not self._use_io_binding:
-            result: np.ndarray = self.session.run([output], feeds)[0]
+            result: np.ndarray = session.run([output], feeds)[0]
             return result
         # CUDA: each input is copied to the device once, and the output is written straight into host
         # memory, instead of ORT staging both through extra buffers.
-        binding = self.session.io_binding()
+        binding = session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         binding.bind_output(output, "cpu")
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         copied: np.ndarray = binding.copy_outputs_to_cpu()[0]
         return copied
 
     def run(self, batch: Sequence[Encoded]) -> FloatArray:
         """One row per item: the pooled (not normalised) vector, or the cross-encoder's logits."""
         feeds = self._feeds(batch)
-        output = self._run_session(feeds)
+        with self.share.enter() as alone:
+            output = self._run_session(self.session if alone else self._shared_session, feeds)
+        return self._finish(output, feeds)
+
+    def warm_up(self, batch: Sequence[Encoded]) -> None:
+        """Runs `batch` through every session, so neither pays its first-run cost on a caller's time."""
+        feeds = self._feeds(batch)
+        self._run_session(self.session, feeds)
+        if self._shared_session is not self.session:
+            self._run_session(self._shared_session, feeds)
+
+    def _finish(self, output: np.ndarray, feeds: dict[str, np.ndarray]) -> FloatArray:
         if self.manifest.task == "cross-encoder":
             return np.ascontiguousarray(output, dtype=np.float32)
         assert self.manifest.pooling is not None
         return pool(output, feeds["attention_mask"], self.manifest.pooling)
 
 
+def default_concurrent_batches(provider: str, intra_op_threads: int) -> int:
+    """Two batches share the cores on a CPU with two or more threads (see ThreadShare); one on a GPU."""
+    return 2 if provider == CPU and intra_op_threads >= 2 else 1
+
+
 def load_backend(
-    repo: Path, manifest: Manifest, device: str, precision: str, intra_op_threads: int, inter_op_threads: int
+    repo: Path,
+    manifest: Manifest,
+    device: str,
+    precision: str,
+    intra_op_threads: int,
+    inter_op_threads: int,
+    concurrent_batches: int | None = None,
 ) -> OnnxBackend:
+    """Selects and opens the runtime; `concurrent_batches` None picks default_concurrent_batches."""
     selection = select_runtime(ort.get_available_providers(), list(manifest.variants), device, precision)
-    backend = OnnxBackend(repo, manifest, selection, intra_op_threads, inter_op_threads)
+    if concurrent_batches is None:
+        concurrent_batches = default_concurrent_batches(selection.provider, intra_op_threads)
+    backend = OnnxBackend(repo, manifest, selection, intra_op_threads, inter_op_threads, concurrent_batches)
     log.info(
         "runtime selected",
         extra={
             "precision": backend.selection.precision,
             "provider": backend.selection.provider,
             "reason": backend.selection.reason,
+            "concurrent_batches": concurrent_batches,
+            "threads_alone_shared": list(backend.threads),
         },
     )
     return backend

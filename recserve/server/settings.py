@@ -35,7 +35,9 @@ class ServerSettings(BaseSettings):
         "auto", description="execution provider; auto = CUDA when onnxruntime-gpu sees a GPU"
     )
     intra_op_threads: int = Field(
-        default_factory=_default_intra_op_threads, ge=1, description="ORT threads per model execution"
+        default_factory=_default_intra_op_threads,
+        ge=1,
+        description="ORT threads of a batch that runs alone (concurrent batches share them)",
     )
     inter_op_threads: int = Field(1, ge=1, description="ORT threads across graph branches (BERT has none)")
     tokenizer_threads: int = Field(2, ge=1, description="worker threads that tokenise, one tokenizer each")
@@ -52,7 +54,12 @@ class ServerSettings(BaseSettings):
     max_padding_ratio: float = Field(
         1.15, ge=1.0, description="padded/real tokens a batch may reach before a longer text starts the next"
     )
-    max_concurrent_batches: int = Field(1, ge=1, description="model executions in flight at once")
+    max_concurrent_batches: int | None = Field(
+        None,
+        ge=1,
+        description="model executions in flight at once; unset = 2 on a CPU with 2+ threads (a batch that"
+        " starts while another runs gets intra_op_threads / this many threads), 1 on a GPU",
+    )
     max_texts_per_call: int = Field(2048, ge=1, description="texts in one Embed/Score call")
     max_text_bytes: int = Field(65536, ge=1, description="UTF-8 bytes of one text")
     max_message_bytes: int = Field(64 * MiB, ge=1024, description="gRPC message size, both directions")
