@@ -471,6 +471,8 @@ def test_suite_writes_benchmarks_markdown(tiny_repo: Path, tmp_path: Path) -> No
     md = tmp_path / "BENCHMARKS.md"
     flags = ["--concurrency", "1,4", "--compare", "1,4", "--open-fractions", "0.5", "--raw-repeats", "1"]
     flags += [
+        "--rounds",
+        "2",
         "--singles",
         "10",
         "--threads",
@@ -492,11 +494,21 @@ def test_suite_writes_benchmarks_markdown(tiny_repo: Path, tmp_path: Path) -> No
         doc["summary"]
     )
     assert doc["series"][1]["server"]["limits"]["max_batch_size"] == 1
+    paired = doc["paired"]
+    assert paired["callers"] == 4 and len(paired["rounds"]) == 2
+    for rnd in paired["rounds"]:
+        assert rnd["raw_texts_per_s"] > 0
+        assert {"batching on", "one batch at a time"} == set(rnd["served"])
+        assert all(v["texts_per_s"] > 0 and v["failed"] == 0 for v in rnd["served"].values())
+    served = sum(r["served"]["batching on"]["texts_per_s"] for r in paired["rounds"])
+    raw = sum(r["raw_texts_per_s"] for r in paired["rounds"])
+    assert doc["summary"]["efficiency"]["value"] == round(served / raw, 3)
     text = md.read_text()
     for heading in (
         "## Summary",
         "## Batching on",
         "### Open loop",
+        "## Efficiency at 4 callers, paired rounds",
         "## Batching on against off",
         "## Raw limit",
     ):

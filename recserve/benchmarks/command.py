@@ -147,6 +147,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--raw-repeats", type=int, default=3, help="passes of the raw limit; the median counts (3)"
     )
     suite.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="paired rounds (a raw pass, then a window per server) behind the efficiency figure (4)",
+    )
+    suite.add_argument(
         "--singles", type=int, default=200, help="texts timed one by one for the raw single latency"
     )
     suite.add_argument(
@@ -191,8 +197,8 @@ def _suite_config(args: argparse.Namespace) -> SuiteConfig:
         raise runner.ConfigError(str(exc)) from None
     runner.check_repo(args.model_repo)
     fractions = runner.float_list("--open-fractions", args.open_fractions)
-    if args.threads < 1 or args.raw_repeats < 1 or args.singles < 1:
-        raise runner.ConfigError("--threads, --raw-repeats and --singles must be >= 1")
+    if min(args.threads, args.raw_repeats, args.rounds, args.singles) < 1:
+        raise runner.ConfigError("--threads, --raw-repeats, --rounds and --singles must be >= 1")
     runner.positive("--p99-target-ms", args.p99_target_ms)
     return SuiteConfig(
         model_repo=args.model_repo,
@@ -205,6 +211,7 @@ def _suite_config(args: argparse.Namespace) -> SuiteConfig:
         open_fractions=fractions,
         compare=runner.int_list("--compare", args.compare),
         raw_repeats=args.raw_repeats,
+        rounds=args.rounds,
         singles=args.singles,
         p99_target_ms=args.p99_target_ms,
         progress=not args.quiet,

@@ -446,13 +446,7 @@ def markdown(doc: dict[str, Any], plots: dict[str, str], plot_prefix: str) -> st
             f"{raw['provider']}, {raw['threads']} threads), the same {raw['texts']} texts in length-sorted "
             f"batches of {raw['batch_size']}, tokenisation included: **{raw['texts_per_s']:.1f} texts/s** "
             f"({raw['tokens_per_s']:.0f} tokens/s, padding {raw['padding_ratio']}, "
-            + (
-                f"mean of a run before the served sweep and one after: "
-                f"{' and '.join(f'{r:.1f}' for r in raw['texts_per_s_runs'])} texts/s, "
-                if "texts_per_s_runs" in raw
-                else ""
-            )
-            + f"median of {raw['repeats']} passes). "
+            f"median of {raw['repeats']} passes, before the served sweep). "
             f"One text at a time: p50 {_fmt(lat['p50'], 2)} ms, p99 {_fmt(lat['p99'], 2)} ms.",
             "",
         ]

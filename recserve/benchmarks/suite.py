@@ -2,17 +2,20 @@
 
 It starts its own servers (child processes), so the numbers are reproducible from one command:
 the raw limit first (nothing else on the cores), then a server with batching on (closed-loop sweep, open-loop
-sweep at fractions of the peak), then one with batching off (max_batch_size=1) at the comparison points.
+sweep at fractions of the peak), then paired rounds for the efficiency figure (a raw pass, then a window on
+the default server and on one that runs one batch at a time), then a server with batching off
+(max_batch_size=1) at the comparison points.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
-from collections.abc import Awaitable
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from recserve.benchmarks import report
 from recserve.benchmarks.loadgen import LoadSettings
@@ -26,7 +29,11 @@ from recserve.benchmarks.runner import (
     series_entry,
     sweep,
 )
-from recserve.benchmarks.workloads import WorkloadError, WorkloadSpec, build_workload
+from recserve.benchmarks.workloads import Workload, WorkloadError, WorkloadSpec, build_workload
+from recserve.client import AsyncClient, ServerInfo
+
+if TYPE_CHECKING:
+    from recserve.benchmarks.servers import LocalServer
 
 EFFICIENCY_TARGET = 0.9
 PADDING_TARGET = 1.15
@@ -45,22 +52,87 @@ class SuiteConfig:
     open_fractions: tuple[float, ...] = (0.25, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1)
     compare: tuple[int, ...] = (1, 64)
     raw_repeats: int = 3
+    rounds: int = 4
     singles: int = 200
     p99_target_ms: float = 100.0
     progress: bool = True
     command: str = ""
 
 
-def _merge_raw(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """The raw limit measured before and after the served sweep: throughput is their mean."""
-    merged = dict(before)
-    runs = [before["texts_per_s"], after["texts_per_s"]]
-    merged["texts_per_s_runs"] = runs
-    merged["texts_per_s"] = round(sum(runs) / len(runs), 3)
-    merged["tokens_per_s"] = round((before["tokens_per_s"] + after["tokens_per_s"]) / 2, 1)
-    merged["pass_seconds"] = before["pass_seconds"] + after["pass_seconds"]
-    merged["repeats"] = before["repeats"] + after["repeats"]
-    return merged
+DEFAULT = "batching on"
+# The paired rounds' second server: the default one with --max-concurrent-batches 1.
+ONE_AT_A_TIME = "one batch at a time"
+
+
+async def paired_rounds(
+    cfg: SuiteConfig,
+    workload: Workload,
+    targets: Sequence[tuple[str, AsyncClient, str]],
+    raw_pass: Callable[[], Awaitable[dict[str, Any]]],
+    progress: ProgressLine | None,
+) -> dict[str, Any]:
+    """Efficiency measured so that a drifting machine cancels out: raw and served taken minutes apart on a
+    shared VM differ by +-15%, so each round runs a raw pass, then one window at the load point on every
+    target (their order rotating each round), and the ratio is of the totals over all rounds.
+    """
+    callers = max(cfg.compare)
+    plan = replace(cfg.load, max_windows=1).plan("closed", concurrency=callers, seed=cfg.workload.seed)
+    rounds = []
+    for index in range(cfg.rounds):
+        raw = (await raw_pass())["texts_per_s"]
+        served: dict[str, dict[str, Any]] = {}
+        turn = index % len(targets)
+        for name, client, metrics_url in [*targets[turn:], *targets[:turn]]:
+            (step,) = await sweep(
+                client,
+                [plan],
+                workload,
+                metrics_url=metrics_url,
+                progress=progress,
+                raw_texts_per_s=raw,
+                series=f"round {index + 1}, {name}",
+            )
+            served[name] = {
+                "texts_per_s": step["texts_per_s"],
+                "latency_ms": step["latency_ms"],
+                "failed": step["failed"],
+                "server": step.get("server"),
+            }
+        rounds.append({"raw_texts_per_s": raw, "served": served})
+    raw_total = sum(r["raw_texts_per_s"] for r in rounds)
+    names = [name for name, _, _ in targets]
+    return {
+        "callers": callers,
+        "rounds": rounds,
+        "efficiency": {
+            name: round(sum(r["served"][name]["texts_per_s"] for r in rounds) / raw_total, 3)
+            if raw_total
+            else None
+            for name in names
+        },
+    }
+
+
+def paired_section(paired: dict[str, Any]) -> list[str]:
+    names = list(paired["efficiency"])
+    rows = []
+    for index, rnd in enumerate(paired["rounds"], 1):
+        raw = rnd["raw_texts_per_s"]
+        cells = [str(index), f"{raw:.1f}"]
+        for name in names:
+            tps = rnd["served"][name]["texts_per_s"]
+            cells.append(f"{tps:.1f} ({tps / raw:.2f})" if raw else f"{tps:.1f}")
+        rows.append(cells)
+    rows.append(["all", "", *(f"**{paired['efficiency'][n]}**" for n in names)])
+    header = ["round", "raw texts/s", *(f"{n}: texts/s (x raw)" for n in names)]
+    return [
+        f"Each round: one raw pass over the workload, then one window of {paired['callers']} callers on each "
+        "server (the order rotates), nothing else running. The last row is total served over total raw. "
+        f"`{ONE_AT_A_TIME}` is the default server with `--max-concurrent-batches 1`: one batch at a time on "
+        "every thread, instead of a batch that starts while another runs sharing the threads with it.",
+        "",
+        *report.md_table(header, rows),
+    ]
 
 
 def _closed_at(steps: list[dict[str, Any]], callers: int) -> dict[str, Any] | None:
@@ -72,7 +144,11 @@ def _item(title: str, value: float | None, how: str, **kw: Any) -> dict[str, Any
 
 
 def summarise(
-    cfg: SuiteConfig, raw: dict[str, Any], on: list[dict[str, Any]], off: list[dict[str, Any]]
+    cfg: SuiteConfig,
+    raw: dict[str, Any],
+    on: list[dict[str, Any]],
+    off: list[dict[str, Any]],
+    paired: dict[str, Any],
 ) -> dict[str, Any]:
     """The headline figures of BENCHMARKS.md, each with its target where the issues set one."""
     load_c = max(cfg.compare)
@@ -81,15 +157,16 @@ def summarise(
     # The most the server delivered in any step: an open-loop step can beat every closed-loop one.
     peak = max((s["calls_per_s"] for s in on), default=0.0)
     out: dict[str, Any] = {}
+    eff = paired["efficiency"][DEFAULT]
+    out["efficiency"] = _item(
+        f"Efficiency at {load_c} callers",
+        eff,
+        f"served texts/s with {load_c} callers, one text per call, over the raw limit's texts/s, totals of "
+        f"{len(paired['rounds'])} paired rounds (below)",
+        target=f">= {EFFICIENCY_TARGET}",
+        met=eff is not None and eff >= EFFICIENCY_TARGET,
+    )
     if busy is not None:
-        eff = round(busy["texts_per_s"] / raw["texts_per_s"], 3) if raw["texts_per_s"] else None
-        out["efficiency"] = _item(
-            f"Efficiency at {load_c} callers",
-            eff,
-            f"served texts/s with {load_c} callers, one text per call, over the raw limit's texts/s",
-            target=f">= {EFFICIENCY_TARGET}",
-            met=eff is not None and eff >= EFFICIENCY_TARGET,
-        )
         pad = (busy.get("server") or {}).get("padding_ratio")
         out["padding"] = _item(
             f"Padding ratio at {load_c} callers",
@@ -201,33 +278,32 @@ async def run_suite(cfg: SuiteConfig, err: TextIO | None = None) -> int:
             f"raw limit: {len(workload.texts)} texts, {cfg.threads} threads, {cfg.raw_repeats} passes"
         )
 
-    def measure_raw() -> Awaitable[dict[str, Any]]:
+    def measure_raw(repeats: int, singles: int) -> Awaitable[dict[str, Any]]:
         return asyncio.to_thread(
-            raw_limit,
-            cfg.model_repo,
-            workload.texts,
-            threads=cfg.threads,
-            repeats=cfg.raw_repeats,
-            singles=cfg.singles,
+            raw_limit, cfg.model_repo, workload.texts, threads=cfg.threads, repeats=repeats, singles=singles
         )
 
-    raw = doc["raw"] = await measure_raw()
+    raw = doc["raw"] = await measure_raw(cfg.raw_repeats, cfg.singles)
     seed = cfg.workload.seed
     closed_c = sorted(set(cfg.concurrency) | set(cfg.compare))
-    logs = cfg.out / "logs"
-    try:
+
+    @contextlib.asynccontextmanager
+    async def started(name: str, *extra: str) -> AsyncIterator[tuple[LocalServer, AsyncClient, ServerInfo]]:
+        """A server of this suite in a child process, with its log under out/logs, connected and checked."""
+        log_path = cfg.out / "logs" / f"server-{name.replace(' ', '-')}.log"
         async with (
-            local_server(
-                cfg.model_repo, threads=cfg.threads, log_path=logs / "server-batching-on.log"
-            ) as srv,
+            local_server(cfg.model_repo, threads=cfg.threads, log_path=log_path, extra=extra) as srv,
             connected(srv.address) as client,
         ):
-            info = await check_target(client, srv.address)
+            yield srv, client, await check_target(client, srv.address)
+
+    try:
+        async with started(DEFAULT) as (srv, client, info):
             kw: dict[str, Any] = {
                 "metrics_url": srv.metrics_url,
                 "progress": progress,
                 "raw_texts_per_s": raw["texts_per_s"],
-                "series": "batching on",
+                "series": DEFAULT,
             }
             on = await sweep(
                 client, [cfg.load.plan("closed", concurrency=c, seed=seed) for c in closed_c], workload, **kw
@@ -240,22 +316,16 @@ async def run_suite(cfg: SuiteConfig, err: TextIO | None = None) -> int:
                 workload,
                 **kw,
             )
-            doc["series"].append(series_entry("batching on", srv.address, info, on))
-        # NOTE: a shared 2-core machine drifts by +-15% from minute to minute, so the raw limit is measured
-        # again once the served sweep is over, with nothing else running, and ratios use the mean of both.
-        if progress is not None:
-            progress.finish("raw limit again, after the served sweep")
-        raw = doc["raw"] = _merge_raw(raw, await measure_raw())
-        async with (
-            local_server(
-                cfg.model_repo,
-                threads=cfg.threads,
-                log_path=logs / "server-batching-off.log",
-                extra=["--max-batch-size", "1"],
-            ) as srv,
-            connected(srv.address) as client,
-        ):
-            info_off = await check_target(client, srv.address)
+            doc["series"].append(series_entry(DEFAULT, srv.address, info, on))
+            async with started(ONE_AT_A_TIME, "--max-concurrent-batches", "1") as (one, one_client, _):
+                paired = doc["paired"] = await paired_rounds(
+                    cfg,
+                    workload,
+                    [(DEFAULT, client, srv.metrics_url), (ONE_AT_A_TIME, one_client, one.metrics_url)],
+                    lambda: measure_raw(1, 1),
+                    progress,
+                )
+        async with started("batching off", "--max-batch-size", "1") as (srv, client, info_off):
             kw.update(metrics_url=srv.metrics_url, series="batching off")
             off = await sweep(
                 client,
@@ -267,8 +337,11 @@ async def run_suite(cfg: SuiteConfig, err: TextIO | None = None) -> int:
     except (TargetError, ServerStartError) as exc:
         print(f"recserve bench: {exc}", file=err)
         return EXIT_TARGET
-    doc["summary"] = summarise(cfg, raw, on, off)
-    doc["sections"] = {"Batching on against off": comparison_section(cfg, on, off)}
+    doc["summary"] = summarise(cfg, raw, on, off, paired)
+    doc["sections"] = {
+        f"Efficiency at {paired['callers']} callers, paired rounds": paired_section(paired),
+        "Batching on against off": comparison_section(cfg, on, off),
+    }
     paths = report.write_all(doc, cfg.out, cfg.markdown, cfg.p99_target_ms)
     report.print_tables(doc)
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
