@@ -149,8 +149,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     suite.add_argument(
         "--rounds",
         type=int,
-        default=4,
-        help="paired rounds (a raw pass, then a window per server) behind the efficiency figure (4)",
+        default=6,
+        help="paired rounds (a raw pass, then a window per server) behind the efficiency figure (6)",
     )
     suite.add_argument(
         "--singles", type=int, default=200, help="texts timed one by one for the raw single latency"

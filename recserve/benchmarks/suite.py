@@ -52,7 +52,7 @@ class SuiteConfig:
     open_fractions: tuple[float, ...] = (0.25, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1)
     compare: tuple[int, ...] = (1, 64)
     raw_repeats: int = 3
-    rounds: int = 4
+    rounds: int = 6
     singles: int = 200
     p99_target_ms: float = 100.0
     progress: bool = True
