@@ -211,10 +211,15 @@ class OnnxBackend:
         return self._finish(output, feeds)
 
     def warm_up(self, batch: Sequence[Encoded]) -> None:
-        """Runs `batch` through every session, so neither pays its first-run cost on a caller's time."""
+        """Runs `batch` on the session of lone batches, and a single text also on the shared one.
+
+        A session's first run pays its one-off start-up cost; later new shapes only grow its memory arena.
+        The shared session, with a fraction of the threads, would take several times longer than the other
+        over every size class, so it gets the cheap single-text batches only.
+        """
         feeds = self._feeds(batch)
         self._run_session(self.session, feeds)
-        if self._shared_session is not self.session:
+        if self._shared_session is not self.session and len(batch) == 1:
             self._run_session(self._shared_session, feeds)
 
     def _finish(self, output: np.ndarray, feeds: dict[str, np.ndarray]) -> FloatArray:
