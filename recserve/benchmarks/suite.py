@@ -127,7 +127,7 @@ def paired_section(paired: dict[str, Any]) -> list[str]:
     header = ["round", "raw texts/s", *(f"{n}: texts/s (x raw)" for n in names)]
     return [
         f"Each round: one raw pass over the workload, then one window of {paired['callers']} callers on each "
-        "server (the order rotates), nothing else running. The last row is total served over total raw. "
+        "server (the order rotates), the other server idle. The last row is total served over total raw. "
         f"`{ONE_AT_A_TIME}` is the default server with `--max-concurrent-batches 1`: one batch at a time on "
         "every thread, instead of a batch that starts while another runs sharing the threads with it.",
         "",
