@@ -365,15 +365,22 @@ def series_entry(name: str, target: str, info: ServerInfo, steps: list[dict[str,
     return {"name": name, "target": target, "server": asdict(info), "steps": steps}
 
 
+def load_workload(spec: WorkloadSpec, err: TextIO) -> Workload | None:
+    """The texts of `spec`, or None once the reason they cannot be built is printed (exit EXIT_USAGE)."""
+    try:
+        return build_workload(spec)
+    except (WorkloadError, OSError) as exc:
+        print(f"recserve bench: {exc}", file=err)
+        return None
+
+
 async def execute(config: RunConfig, err: TextIO | None = None) -> int:
     """`bench run` after its flags were checked: returns the exit code."""
     err = err or sys.stderr
     from recserve.benchmarks.servers import ServerStartError, local_server
 
-    try:
-        workload = build_workload(config.workload)
-    except (WorkloadError, OSError) as exc:
-        print(f"recserve bench: {exc}", file=err)
+    workload = load_workload(config.workload, err)
+    if workload is None:
         return EXIT_USAGE
     progress = ProgressLine(err) if config.progress else None
     notes = list(config.notes)

@@ -26,10 +26,11 @@ from recserve.benchmarks.runner import (
     TargetError,
     check_target,
     connected,
+    load_workload,
     series_entry,
     sweep,
 )
-from recserve.benchmarks.workloads import Workload, WorkloadError, WorkloadSpec, build_workload
+from recserve.benchmarks.workloads import Workload, WorkloadSpec
 from recserve.client import AsyncClient, ServerInfo
 
 if TYPE_CHECKING:
@@ -263,10 +264,8 @@ async def run_suite(cfg: SuiteConfig, err: TextIO | None = None) -> int:
     from recserve.benchmarks.baseline import raw_limit
     from recserve.benchmarks.servers import ServerStartError, local_server
 
-    try:
-        workload = build_workload(cfg.workload)
-    except (WorkloadError, OSError) as exc:
-        print(f"recserve bench: {exc}", file=err)
+    workload = load_workload(cfg.workload, err)
+    if workload is None:
         return EXIT_USAGE
     progress = ProgressLine(err) if cfg.progress else None
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
