@@ -202,6 +202,9 @@ def test_concurrent_batches_share_the_threads_and_answer_the_same(
         assert shared.server is not None
         backend = shared.server.backend
         assert (backend.concurrent_batches, backend.threads) == (2, (2, 1))
+        # Pool threads must not spin on after a batch, holding the cores that answer its calls.
+        options = backend.session.get_session_options()
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
         got = concurrent_single_text_calls(shared.address, MANY_TEXTS)
         lone = embed(shared.stub(), MANY_TEXTS[:1])
     assert backend.share.started["shared"] > 0 and backend.share.started["alone"] > 0
