@@ -222,6 +222,10 @@ def test_cut_batch_keeps_the_oldest_and_closes_early_on_padding() -> None:
     # A text over the token budget runs alone, at once.
     assert cut_batch([500], 0, 32, 100, 1.15) == (0, 1, True)
     assert cut_batch([5, 500], 1, 32, 100, inf) == (1, 2, True)
+    # A lone text (its own shortcut) waits for company only while a second one as long could join it.
+    assert cut_batch([40], 0, 32, 100, 1.15) == (0, 1, False)
+    assert cut_batch([60], 0, 32, 100, 1.15) == (0, 1, True)
+    assert cut_batch([40], 0, 1, 100, 1.15) == (0, 1, True)  # batching off: always full
 
 
 async def test_split_request_comes_back_whole_and_in_order(harness: Harness) -> None:
