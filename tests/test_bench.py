@@ -33,7 +33,7 @@ from recserve.benchmarks.workloads import (
     parse_rpc_mix,
     read_texts,
 )
-from recserve.client import AsyncClient
+from recserve.client import AsyncClient, Client
 from tests.test_client import SERVICE, SERVING, FakeInference, FakeServer, fake_server
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -466,6 +466,24 @@ def test_run_against_the_real_server_closed_and_open(tiny_repo: Path, tmp_path: 
     assert abs(opened[0]["sent"] - 40 * opened[0]["window_s"]) <= 0.5 * 40 * opened[0]["window_s"]  # Poisson
 
 
+async def test_bare_baseline_answers_like_the_server(tiny_repo: Path, tmp_path: Path) -> None:
+    """The bare gRPC baseline does the model's work and nothing else: the same vectors as the server's."""
+    from recserve.benchmarks.servers import local_server
+    from tests.support.serving import serving
+
+    texts = ["a running shoe", "a longer description of a trail running shoe", ""]
+    async with (
+        local_server(tiny_repo, threads=1, log_path=tmp_path / "bare.log", bare=True) as bare,
+        AsyncClient(bare.address) as client,
+    ):
+        assert bare.metrics_url is None
+        assert (await client.info()).server_version == "bare"
+        got = await client.embed(texts)
+    with serving(tiny_repo) as server, Client(server.address) as served:
+        expected = served.embed(texts)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_suite_writes_benchmarks_markdown(tiny_repo: Path, tmp_path: Path) -> None:
     """The standard suite with tiny settings: raw limit, two servers in child processes, every section."""
     md = tmp_path / "BENCHMARKS.md"
@@ -490,9 +508,15 @@ def test_suite_writes_benchmarks_markdown(tiny_repo: Path, tmp_path: Path) -> No
     doc = json.loads((tmp_path / "results" / "results.json").read_text())
     assert [s["name"] for s in doc["series"]] == ["batching on", "batching off"]
     assert doc["raw"]["texts_per_s"] > 0 and doc["raw"]["single"]["latency_ms"]["p50"] > 0
-    assert {"efficiency", "padding", "lone_overhead", "open_rate_fraction", "batching_gain"} <= set(
-        doc["summary"]
-    )
+    summary = {"efficiency", "padding", "lone_overhead", "lone_floor", "open_rate_fraction", "batching_gain"}
+    assert summary <= set(doc["summary"])
+    # Lone calls: every text to the raw model, the bare gRPC server and the default server.
+    lone = doc["lone"]
+    assert lone["calls"] == 10 and list(lone["latency_ms"]) == ["raw", "bare gRPC", "batching on"]
+    for name, overhead in lone["overhead_ms"].items():
+        assert overhead == round(lone["latency_ms"][name]["p50"] - lone["latency_ms"]["raw"]["p50"], 3)
+    assert doc["summary"]["lone_overhead"]["value"] == lone["overhead_ms"]["batching on"]
+    assert doc["summary"]["lone_floor"]["value"] == lone["overhead_ms"]["bare gRPC"]
     assert doc["series"][1]["server"]["limits"]["max_batch_size"] == 1
     paired = doc["paired"]
     assert paired["callers"] == 4 and len(paired["rounds"]) == 2
@@ -508,6 +532,7 @@ def test_suite_writes_benchmarks_markdown(tiny_repo: Path, tmp_path: Path) -> No
         "## Summary",
         "## Batching on",
         "### Open loop",
+        "## Lone calls, interleaved",
         "## Efficiency at 4 callers, paired rounds",
         "## Batching on against off",
         "## Raw limit",

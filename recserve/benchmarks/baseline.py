@@ -20,74 +20,96 @@ from recserve.manifest import Manifest
 from recserve.pooling import l2_normalize
 
 
+class RawModel:
+    """The model alone, in this process: the server's runtime (`load_backend`) and tokenizer, no server.
+
+    `run` tokenises, runs and pools `texts` (a cross-encoder pairs each with the first text of the workload),
+    blocking the calling thread. One batch at a time on every thread: the fastest way to run the model alone
+    (two concurrent single-thread batches are slower here), so the server is held to the stricter limit.
+    """
+
+    def __init__(self, repo: Path, *, threads: int, precision: str = "auto", query: str = "") -> None:
+        # Imported here: onnxruntime is heavy, and only this baseline needs it in the benchmark's process.
+        from recserve.server.runtime import TokenizerPool, load_backend
+
+        self.manifest = Manifest.load(repo)
+        self.threads = threads
+        # The server's own default device choice ("auto"), so the limit runs where the server would.
+        self.backend = load_backend(repo, self.manifest, "auto", precision, threads, 1, concurrent_batches=1)
+        self._tokenizers = TokenizerPool(repo / self.manifest.tokenizer_file, 1)
+        self._cross = self.manifest.task == "cross-encoder"
+        self._query = query
+
+    def encode(self, texts: Sequence[str]) -> list[Any]:
+        # A cross-encoder's unit of work is a (query, candidate) pair.
+        if self._cross:
+            return self._tokenizers.encode_pairs(self._query, texts)
+        return self._tokenizers.encode(texts)
+
+    def infer(self, encoded: Sequence[Any]) -> np.ndarray:
+        out = self.backend.run(encoded)
+        return l2_normalize(out) if self.manifest.normalize and not self._cross else out
+
+    def run(self, texts: Sequence[str]) -> np.ndarray:
+        """What a served call costs the model: tokenise, run, normalise."""
+        return self.infer(self.encode(texts))
+
+    def close(self) -> None:
+        self._tokenizers.shutdown()
+
+    def __enter__(self) -> RawModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def raw_limit(
-    repo: Path,
+    model: RawModel,
     texts: Sequence[str],
     *,
-    threads: int,
-    precision: str = "auto",
     batch_size: int = 32,
     repeats: int = 3,
     singles: int = 200,
 ) -> dict[str, Any]:
     """Texts/s over `texts` in sorted batches (median of `repeats` passes) and the single-text latency.
 
-    The single-text figure is what a lone served call is compared with: tokenise one text, run a batch of
-    one, pool, normalise, over the first `singles` texts.
+    The single-text figure: tokenise one text, run a batch of one, pool, normalise, over the first `singles`
+    texts, back to back.
     """
-    # Imported here: onnxruntime is heavy, and only this baseline needs it in the benchmark's process.
-    from recserve.server.runtime import TokenizerPool, load_backend
-
-    manifest = Manifest.load(repo)
-    # The server's own default device choice ("auto"), so the limit runs where the server would.
-    # One batch at a time on every thread: the fastest way to run the model alone (two concurrent
-    # single-thread batches are slower here), so the server is held to the stricter limit.
-    backend = load_backend(repo, manifest, "auto", precision, threads, 1, concurrent_batches=1)
-    tokenizers = TokenizerPool(repo / manifest.tokenizer_file, 1)
-    cross = manifest.task == "cross-encoder"
-    query = texts[0]
-
-    def encode(chunk: Sequence[str]) -> list[Any]:
-        # A cross-encoder's unit of work is a (query, candidate) pair.
-        return tokenizers.encode_pairs(query, chunk) if cross else tokenizers.encode(chunk)
-
-    def finish(out: np.ndarray) -> np.ndarray:
-        return l2_normalize(out) if manifest.normalize and not cross else out
 
     def one_pass() -> tuple[float, int, int]:
         started = time.perf_counter()
-        encoded = encode(texts)
+        encoded = model.encode(texts)
         order = sorted(range(len(encoded)), key=lambda i: encoded[i].length)
         padded = 0
         for start in range(0, len(order), batch_size):
             batch = [encoded[i] for i in order[start : start + batch_size]]
             padded += max(e.length for e in batch) * len(batch)
-            rows = finish(backend.run(batch))
+            rows = model.infer(batch)
             if rows.shape[0] != len(batch):
                 raise RuntimeError(f"the model returned {rows.shape[0]} rows for a batch of {len(batch)}")
         real = sum(e.length for e in encoded)
         return time.perf_counter() - started, real, padded
 
-    try:
-        one_pass_warm = texts[: batch_size * 4]
-        for start in range(0, len(one_pass_warm), batch_size):
-            backend.run(encode(one_pass_warm[start : start + batch_size]))
-        passes = [one_pass() for _ in range(max(1, repeats))]
-        seconds = [p[0] for p in passes]
-        real, padded = passes[0][1], passes[0][2]
-        single_lat = []
-        for text in texts[: max(1, singles)]:
-            started = time.perf_counter()
-            finish(backend.run(encode([text])))
-            single_lat.append(time.perf_counter() - started)
-    finally:
-        tokenizers.shutdown()
+    one_pass_warm = texts[: batch_size * 4]
+    for start in range(0, len(one_pass_warm), batch_size):
+        model.run(one_pass_warm[start : start + batch_size])
+    passes = [one_pass() for _ in range(max(1, repeats))]
+    seconds = [p[0] for p in passes]
+    real, padded = passes[0][1], passes[0][2]
+    single_lat = []
+    for text in texts[: max(1, singles)]:
+        started = time.perf_counter()
+        model.run([text])
+        single_lat.append(time.perf_counter() - started)
     median_s = statistics.median(seconds)
-    variant = manifest.variants[backend.selection.precision]
+    backend = model.backend
+    variant = model.manifest.variants[backend.selection.precision]
     return {
         "texts": len(texts),
         "batch_size": batch_size,
-        "threads": threads,
+        "threads": model.threads,
         "precision": backend.selection.precision,
         "provider": backend.provider,
         "model_file": variant.file,

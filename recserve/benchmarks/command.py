@@ -153,7 +153,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="paired rounds (a raw pass, then a window per server) behind the efficiency figure (6)",
     )
     suite.add_argument(
-        "--singles", type=int, default=200, help="texts timed one by one for the raw single latency"
+        "--singles",
+        type=int,
+        default=200,
+        help="texts timed one by one: the raw single latency, and the interleaved lone calls (200)",
     )
     suite.add_argument(
         "--p99-target-ms", type=float, default=100.0, help="p99 bound of the open-loop figure (100)"

@@ -405,7 +405,8 @@ def markdown(doc: dict[str, Any], plots: dict[str, str], plot_prefix: str) -> st
             "",
         ]
     for series in doc["series"]:
-        lines += [f"## {series['name'].capitalize()}", ""]
+        name = series["name"]
+        lines += [f"## {name[:1].upper()}{name[1:]}", ""]
         info = series.get("server") or {}
         if info:
             max_batch = info.get("limits", {}).get("max_batch_size")

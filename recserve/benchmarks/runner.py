@@ -470,7 +470,7 @@ async def _raw_limit(
 ) -> dict[str, Any] | None:
     if config.model_repo is None:
         return None
-    from recserve.benchmarks.baseline import raw_limit
+    from recserve.benchmarks.baseline import RawModel, raw_limit
     from recserve.manifest import Manifest
 
     manifest = Manifest.load(config.model_repo)
@@ -479,10 +479,12 @@ async def _raw_limit(
             f"the raw limit runs {manifest.model_name} from --model-repo, but the target serves "
             f"{info.model_name} (weights {info.weights_sha256[:12]}): the ratios compare different models"
         )
-    raw: dict[str, Any] = await asyncio.to_thread(
-        raw_limit, config.model_repo, workload.texts, threads=config.threads
-    )
-    return raw
+
+    def measure(repo: Path) -> dict[str, Any]:
+        with RawModel(repo, threads=config.threads, query=workload.texts[0]) as model:
+            return raw_limit(model, workload.texts)
+
+    return await asyncio.to_thread(measure, config.model_repo)
 
 
 def _settings(config: RunConfig) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Servers the benchmark starts itself (the suite, and the batching-off comparison): `recserve serve` in a
-child process, so that the load generator and the server never share an event loop or a GIL."""
+"""Servers the benchmark starts itself (the suite, and the batching-off comparison): `recserve serve`, or the
+bare gRPC baseline (bare.py), in a child process, so that the load generator and the server never share an
+event loop or a GIL."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from recserve.client import AsyncClient, RecserveError
 _PACKAGE_ROOT = str(Path(recserve.__file__).resolve().parent.parent)
 # The command users run; a child process, so load generator and server share neither event loop nor GIL.
 SERVE_ENTRY = (sys.executable, "-m", "recserve.cli", "serve")
+BARE_ENTRY = (sys.executable, "-m", "recserve.benchmarks.bare")
 START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
 
@@ -32,7 +34,8 @@ class ServerStartError(RuntimeError):
 @dataclass(frozen=True)
 class LocalServer:
     address: str
-    metrics_url: str
+    metrics_url: str | None
+    """None for the bare baseline, which has no metrics."""
     command: list[str]
     log_path: Path
 
@@ -68,6 +71,18 @@ def serve_command(
     ]
 
 
+def bare_command(model_repo: Path, port: int, threads: int) -> list[str]:
+    return [
+        *BARE_ENTRY,
+        "--model-repo",
+        str(model_repo),
+        "--port",
+        str(port),
+        "--intra-op-threads",
+        str(threads),
+    ]
+
+
 def _open_log(path: Path) -> BinaryIO:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.open("wb")
@@ -87,11 +102,19 @@ async def local_server(
     threads: int,
     log_path: Path,
     extra: Sequence[str] = (),
+    bare: bool = False,
     start_timeout: float = START_TIMEOUT_S,
 ) -> AsyncIterator[LocalServer]:
-    """Starts `recserve serve` on free loopback ports and yields once it reports SERVING; stops it on exit."""
+    """Starts `recserve serve` (`extra`: more flags), or with `bare` the bare gRPC baseline, on free loopback
+    ports; yields once it reports SERVING and stops it on exit."""
+    if bare and extra:
+        raise ValueError("the bare baseline takes no server flags")
     port, metrics_port = free_port(), free_port()
-    cmd = serve_command(model_repo, port, metrics_port, threads, extra)
+    if bare:
+        cmd, metrics_url = bare_command(model_repo, port, threads), None
+    else:
+        cmd = serve_command(model_repo, port, metrics_port, threads, extra)
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
     log = await asyncio.to_thread(_open_log, log_path)
@@ -101,7 +124,7 @@ async def local_server(
         )
     finally:
         log.close()  # the child holds its own descriptor
-    server = LocalServer(f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", cmd, log_path)
+    server = LocalServer(f"127.0.0.1:{port}", metrics_url, cmd, log_path)
     try:
         await _wait_serving(server, proc, start_timeout)
         yield server
