@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+import grpc
 import numpy as np
 
 from recserve.benchmarks import report, stats
@@ -99,7 +100,11 @@ async def lone_calls(
                 # waiting, and a hop to a worker thread would add to the reference what it is compared with.
                 model.run(list(message.texts))
             else:
-                await stubs[name].stub.Embed(message, timeout=cfg.load.deadline_s)
+                try:
+                    await stubs[name].stub.Embed(message, timeout=cfg.load.deadline_s)
+                except grpc.aio.AioRpcError as exc:
+                    failure = f"{exc.code().name} {exc.details()}"
+                    raise TargetError(f"{name}: a lone call failed: {failure}") from None
             if index >= LONE_WARMUP_CALLS:
                 seconds[name].append(time.perf_counter() - started)
     latency = {name: stats.latency_summary(np.array(seconds[name])) for name in names}
@@ -213,7 +218,6 @@ def _item(title: str, value: float | None, how: str, **kw: Any) -> dict[str, Any
 
 def summarise(
     cfg: SuiteConfig,
-    raw: dict[str, Any],
     on: list[dict[str, Any]],
     off: list[dict[str, Any]],
     paired: dict[str, Any],
@@ -432,7 +436,7 @@ async def _measure(
     except (TargetError, ServerStartError) as exc:
         print(f"recserve bench: {exc}", file=err)
         return EXIT_TARGET
-    doc["summary"] = summarise(cfg, raw, on, off, paired, lone)
+    doc["summary"] = summarise(cfg, on, off, paired, lone)
     doc["sections"] = {
         "Lone calls, interleaved": lone_section(lone),
         f"Efficiency at {paired['callers']} callers, paired rounds": paired_section(paired),
