@@ -1,10 +1,10 @@
 """The bare gRPC baseline: the least a lone call can cost through Python gRPC on this machine.
 
 A grpc.aio server of the same v1 API that does nothing but the model's work: Embed runs the raw model
-(baseline.RawModel: tokenise, run, normalise) in one executor hop. No validation, batcher,
-metrics, logs or trailing metadata. One caller against it, minus the raw single inference, is what gRPC,
-the client and the kernel's thread wake-ups add to a lone call before any server logic; the served lone-call
-overhead can only be judged against it. The suite starts it as a child process:
+(baseline.RawModel: tokenise, run, normalise) in one executor hop. No validation, batcher, metrics, logs or
+trailing metadata. A lone call to it, minus the raw single inference, is what gRPC, the client and the
+kernel's thread wake-ups add before any server logic; the served lone-call overhead can only be judged
+against it. The suite starts it as a child process:
 `python -m recserve.benchmarks.bare --model-repo DIR --port N --intra-op-threads T`.
 """
 

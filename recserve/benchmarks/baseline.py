@@ -23,8 +23,8 @@ from recserve.pooling import l2_normalize
 class RawModel:
     """The model alone, in this process: the server's runtime (`load_backend`) and tokenizer, no server.
 
-    `run` tokenises, runs and pools `texts` (a cross-encoder pairs each with the first text of the workload),
-    blocking the calling thread. One batch at a time on every thread: the fastest way to run the model alone
+    `run` tokenises, runs and pools `texts` (a cross-encoder pairs each with `query`), blocking the calling
+    thread. One batch at a time on every thread: the fastest way to run the model alone
     (two concurrent single-thread batches are slower here), so the server is held to the stricter limit.
     """
 

@@ -405,8 +405,7 @@ def markdown(doc: dict[str, Any], plots: dict[str, str], plot_prefix: str) -> st
             "",
         ]
     for series in doc["series"]:
-        name = series["name"]
-        lines += [f"## {name[:1].upper()}{name[1:]}", ""]
+        lines += [f"## {series['name'].capitalize()}", ""]
         info = series.get("server") or {}
         if info:
             max_batch = info.get("limits", {}).get("max_batch_size")
