@@ -125,7 +125,7 @@ def lone_section(lone: dict[str, Any]) -> list[str]:
     for name, lat in lone["latency_ms"].items():
         over = lone["overhead_ms"].get(name)
         rows.append(
-            [name, str(lat["p50"]), str(lat["p90"]), str(lat["p99"]), "-" if over is None else f"+{over}"]
+            [name, str(lat["p50"]), str(lat["p90"]), str(lat["p99"]), "-" if over is None else f"{over:+}"]
         )
     return [
         f"{lone['calls']} texts of the workload, one call at a time, each to the raw model in the "
