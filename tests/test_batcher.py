@@ -17,8 +17,8 @@ import pytest
 
 from recserve.server import batcher as batcher_module
 from recserve.server.batcher import Batcher, BatcherConfig, BatchObserver, BatchResult, cut_batch
-from recserve.server.errors import DeadlineExceeded, Internal, InvalidArgument, Overloaded, Unavailable
-from recserve.server.types import Encoded, FloatArray
+from recserve.server.errors import DeadlineExceeded, Internal, Overloaded, Unavailable
+from recserve.tensors import Encoded, FloatArray
 
 # Tags of the texts that hold the model busy while a test queues work behind them.
 BLOCKER = 10_000
@@ -272,7 +272,7 @@ async def test_failed_split_request_is_answered_once_and_its_rest_is_skipped(har
     np.testing.assert_array_equal(served.rows, [row(5, 5)])
     assert set(harness.model.tags()) == {BLOCKER, 1, 2, 5}
     assert harness.observer.dropped_texts == []  # a failure, not a drop
-    assert batcher.queue_texts == 0
+    assert batcher.stats.queued_texts == 0
 
 
 async def test_wrong_row_count_fails_the_batch(harness: Harness) -> None:
@@ -305,7 +305,7 @@ async def test_cancelled_and_expired_requests_are_dropped_before_inference(harne
     await settle(blocked)
     assert harness.model.tags() == [BLOCKER, 4]
     assert harness.observer.dropped_texts == [("cancelled", 2), ("deadline", 1)]
-    assert batcher.queue_texts == 0 and batcher.queue_tokens == 0
+    assert batcher.stats.queued_texts == 0 and batcher.stats.queued_tokens == 0
 
 
 async def test_full_queue_rejects_at_once(harness: Harness) -> None:
@@ -317,12 +317,41 @@ async def test_full_queue_rejects_at_once(harness: Harness) -> None:
     futures.append(batcher.submit([text(6, 5)]))  # exactly 4
     with pytest.raises(Overloaded):
         batcher.submit([text(7, 5)])
-    assert (batcher.queue_texts, batcher.queue_tokens, batcher.running) == (4, 20, 1)
+    assert (batcher.stats.queued_texts, batcher.stats.queued_tokens, batcher.stats.running_batches) == (
+        4,
+        20,
+        1,
+    )
     assert harness.observer.queue == (4, 20)
     harness.model.gate.set()
     await asyncio.wait_for(asyncio.gather(blocked, *futures), 5)
-    assert (batcher.queue_texts, batcher.queue_tokens) == (0, 0)
+    assert (batcher.stats.queued_texts, batcher.stats.queued_tokens) == (0, 0)
     assert sorted(harness.model.tags()) == [1, 2, 3, 6, BLOCKER]
+
+
+async def test_reserved_room_counts_against_the_queue_until_used_or_released(harness: Harness) -> None:
+    batcher = await harness.start(max_queue_texts=4, max_delay_s=0.01)
+    blocked = await harness.occupy_model(batcher)
+    first = batcher.reserve(3)  # a call being tokenised holds its room
+    with pytest.raises(Overloaded, match="3 being tokenised"):
+        batcher.submit([text(1, 5), text(2, 5)])  # 3 reserved + 2 > 4
+    with pytest.raises(Overloaded):
+        batcher.reserve(2)
+    second = batcher.reserve(1)
+    # The reservation turns into queued texts: a full queue, and still nothing else fits.
+    queued = batcher.submit([text(3, 5), text(4, 5), text(5, 5)], room=first)
+    assert (first.texts, batcher.stats.queued_texts) == (0, 3)
+    with pytest.raises(Overloaded):
+        batcher.reserve(1)
+    second.release()
+    second.release()  # idempotent: the room is given back once
+    last = batcher.reserve(1)
+    with last:  # leaving the block unused gives the room back
+        pass
+    also = batcher.submit([text(6, 5)])
+    harness.model.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocked, queued, also), 5)
+    assert sorted(harness.model.tags()) == [3, 4, 5, 6, BLOCKER]
 
 
 async def test_loop_death_fails_pending_calls_and_reports_fatal(
@@ -388,7 +417,7 @@ async def test_concurrent_batches_are_bounded(harness: Harness) -> None:
     harness.model.gate.clear()
     futures = [batcher.submit([text(i, 5)]) for i in range(3)]
     await harness.model.wait_entered(2)
-    assert (batcher.running, batcher.queue_texts) == (2, 1)
+    assert (batcher.stats.running_batches, batcher.stats.queued_texts) == (2, 1)
     harness.model.gate.set()
     await asyncio.wait_for(asyncio.gather(*futures), 5)
     assert harness.model.max_active == 2
@@ -456,7 +485,7 @@ async def test_submit_validation(harness: Harness) -> None:
     with pytest.raises(Unavailable):
         idle.submit([text(1, 5)])
     batcher = await harness.start()
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(ValueError):
         batcher.submit([])
     with pytest.raises(DeadlineExceeded):
         batcher.submit([text(1, 5)], deadline=asyncio.get_running_loop().time() - 1)

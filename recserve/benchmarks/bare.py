@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from recserve.benchmarks.baseline import RawModel
-from recserve.server.service import SERVICE_NAME, encode_vectors
+from recserve.server.service import SERVICE_NAME, build_info, encode_vectors, vector_encoding
 from recserve.v1 import inference_pb2 as pb
 from recserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -38,24 +38,15 @@ class BareInference(pb_grpc.InferenceServicer):
         manifest, backend = model.manifest, model.backend
         # One thread: the model runs one call at a time, on all of its intra-op threads.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bare-model")
-        self._info = pb.InfoResponse(
-            model_name=manifest.model_name,
-            weights_sha256=manifest.source.weights_sha256,
-            task=manifest.task,
-            dimension=manifest.output_dim,
-            max_tokens=manifest.max_length,
-            precision=backend.selection.precision,
-            provider=backend.provider,
-            normalize=manifest.normalize,
-            limits=pb.Limits(
-                max_texts_per_call=_LIMIT,
-                max_text_bytes=_LIMIT,
-                max_message_bytes=_LIMIT,
-                max_batch_tokens=_LIMIT,
-                max_queue_texts=_LIMIT,
-            ),
-            server_version="bare",
+        limits = pb.Limits(
+            max_texts_per_call=_LIMIT,
+            max_text_bytes=_LIMIT,
+            max_message_bytes=_LIMIT,
+            max_batch_tokens=_LIMIT,
+            max_queue_texts=_LIMIT,
         )
+        self._info = build_info(manifest, backend.precision, backend.provider, limits)
+        self._info.server_version = "bare"
 
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[object, object]
@@ -63,7 +54,7 @@ class BareInference(pb_grpc.InferenceServicer):
         loop = asyncio.get_running_loop()
         rows = await loop.run_in_executor(self._executor, self._model.run, list(request.texts))
         response = pb.EmbedResponse(dimension=rows.shape[1])
-        encode_vectors(rows, request.encoding, response)
+        encode_vectors(rows, vector_encoding(request.encoding), response)
         return response
 
     async def Info(

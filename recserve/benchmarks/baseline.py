@@ -17,7 +17,7 @@ import numpy as np
 
 from recserve.benchmarks import stats
 from recserve.manifest import Manifest
-from recserve.pooling import l2_normalize
+from recserve.tensors import Encoded, FloatArray, l2_normalize
 
 
 class RawModel:
@@ -30,32 +30,32 @@ class RawModel:
 
     def __init__(self, repo: Path, *, threads: int, precision: str = "auto", query: str = "") -> None:
         # Imported here: onnxruntime is heavy, and only this baseline needs it in the benchmark's process.
-        from recserve.server.runtime import TokenizerPool, load_backend
+        from recserve.server.runtime import FastTokenizer, load_backend
 
         self.manifest = Manifest.load(repo)
         self.threads = threads
         # The server's own default device choice ("auto"), so the limit runs where the server would.
         self.backend = load_backend(repo, self.manifest, "auto", precision, threads, 1, concurrent_batches=1)
-        self._tokenizers = TokenizerPool(repo / self.manifest.tokenizer_file, 1)
+        self._tokenizer = FastTokenizer(repo / self.manifest.tokenizer_file)
         self._cross = self.manifest.task == "cross-encoder"
         self._query = query
 
-    def encode(self, texts: Sequence[str]) -> list[Any]:
+    def encode(self, texts: Sequence[str]) -> list[Encoded]:
         # A cross-encoder's unit of work is a (query, candidate) pair.
         if self._cross:
-            return self._tokenizers.encode_pairs(self._query, texts)
-        return self._tokenizers.encode(texts)
+            return self._tokenizer.encode_pairs(self._query, texts)
+        return self._tokenizer.encode(texts)
 
-    def infer(self, encoded: Sequence[Any]) -> np.ndarray:
+    def infer(self, encoded: Sequence[Encoded]) -> FloatArray:
         out = self.backend.run(encoded)
         return l2_normalize(out) if self.manifest.normalize and not self._cross else out
 
-    def run(self, texts: Sequence[str]) -> np.ndarray:
+    def run(self, texts: Sequence[str]) -> FloatArray:
         """What a served call costs the model: tokenise, run, normalise."""
         return self.infer(self.encode(texts))
 
     def close(self) -> None:
-        self._tokenizers.shutdown()
+        """Nothing to release: the sessions go with the object. Kept so that callers can scope it."""
 
     def __enter__(self) -> RawModel:
         return self
@@ -105,12 +105,12 @@ def raw_limit(
         single_lat.append(time.perf_counter() - started)
     median_s = statistics.median(seconds)
     backend = model.backend
-    variant = model.manifest.variants[backend.selection.precision]
+    variant = model.manifest.variants[backend.precision]
     return {
         "texts": len(texts),
         "batch_size": batch_size,
         "threads": model.threads,
-        "precision": backend.selection.precision,
+        "precision": backend.precision,
         "provider": backend.provider,
         "model_file": variant.file,
         "model_sha256": variant.sha256,

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from recserve.export.errors import ParityFailure
-from recserve.export.runner import Encoder, FloatArray, Item
 from recserve.manifest import Parity, Precision, Task
+from recserve.runner import TextRunner
+from recserve.tensors import FloatArray, Item
 
 # Embedding models: minimum cosine with the reference.
 MIN_COSINE: dict[Precision, float] = {"fp32": 0.99999, "fp16": 0.9999, "int8": 0.99}
@@ -43,9 +44,12 @@ def check_tokens(shipped: list[list[int]], reference_ids: list[list[int]], items
 
 
 def check_variant(
-    encoder: Encoder, precision: Precision, items: Sequence[Item], reference: FloatArray
+    encoder: TextRunner, precision: Precision, items: Sequence[Item], reference: FloatArray
 ) -> Parity:
-    """Runs the gate for one variant on one provider; Parity.passed says whether it holds."""
+    """Runs the gate for one variant on one provider; Parity.passed says whether it holds.
+
+    `encoder` computes what the server would (recserve.runner), so the gate checks the serving path.
+    """
     task: Task = encoder.spec.task
     batched = _run_padded_batches(encoder, items)
     alone = np.concatenate([encoder([item]) for item in items])
@@ -98,8 +102,8 @@ def describe_failure(precision: str, parity: Parity) -> str:
     return f"variant {precision} failed parity on {parity.provider}: {'; '.join(parts)}; worst: {worst}"
 
 
-def _run_padded_batches(encoder: Encoder, items: Sequence[Item]) -> FloatArray:
-    lengths = [len(ids) for ids in encoder.token_ids(items)]
+def _run_padded_batches(encoder: TextRunner, items: Sequence[Item]) -> FloatArray:
+    lengths = [e.length for e in encoder.encode(items)]
     padder = items[int(np.argmax(lengths))]
     rows = []
     step = INVARIANCE_BATCH - 1

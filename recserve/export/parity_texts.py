@@ -1,13 +1,10 @@
-"""The built-in texts of the parity gate, and a separate set for INT8 calibration (no torch needed).
+"""The built-in texts of the parity gate (no torch needed).
 
 The parity texts cover what a served encoder meets in practice and what breaks exports: empty and
 whitespace-only strings, single characters, catalogue titles and queries, long documents past any max length
 (so truncation is exercised), non-Latin scripts, emoji (ZWJ sequences and flags included), markup, code and
 odd Unicode. They are interleaved so that any run of 32 texts mixes lengths, which the batch-invariance
 check needs. The server's end-to-end tests reuse them.
-
-NOTE: calibration texts are deliberately disjoint from the parity texts, so the INT8 variant is not graded
-on the data its activation ranges were fitted to.
 """
 
 from __future__ import annotations
@@ -265,43 +262,3 @@ def parity_pairs() -> list[tuple[str, str]]:
     texts = _parity()
     n = len(texts)
     return [(texts[i], texts[(i * 7 + 3) % n]) for i in range(n)]
-
-
-@functools.cache
-def _calibration() -> tuple[str, ...]:
-    queries = [
-        "lamp",
-        "wool socks",
-        "bluetooth speaker waterproof",
-        "thai curry paste",
-        "board games 4 players",
-    ]
-    titles = [
-        "Stainless steel French press, 1 litre, double-walled to keep coffee hot for longer.",
-        "Paperback edition of a historical novel about a lighthouse keeper in 1890s Scotland.",
-        "Men's merino base layer, long sleeve, odour resistant, machine washable at 30 degrees.",
-        "Set of three succulents in terracotta pots, ideal for a sunny windowsill.",
-        "Portable SSD 1 TB, USB 3.2 Gen 2, up to 1050 MB/s read speed, shock resistant casing.",
-        "Children's picture book about a bear who learns to share his honey with the forest.",
-    ]
-    profiles = [
-        "Frequent buyer of camping gear, reads reviews carefully, rarely returns anything.",
-        "Listens to classical piano in the evening and electronic music at the gym.",
-        "New user, browsed kitchenware twice, added a cast iron pan to the basket and left.",
-    ]
-    foreign = [
-        "夏のセール：アウトドア用品が最大50%オフ",
-        "适合家庭使用的空气净化器推荐",
-        "Купить зимние шины недорого",
-        "ملابس رياضية للنساء",
-        "편안한 사무실 의자",
-        "Chaussures de randonnée imperméables 🥾",
-    ]
-    long_doc = " ".join(titles + profiles) * 3
-    texts = queries + titles + profiles + foreign + [long_doc, " ".join(foreign) * 4, "ok 👍", "  \n "]
-    return tuple(texts)
-
-
-def calibration_texts() -> list[str]:
-    """Representative texts for fitting INT8 activation ranges; disjoint from the parity texts."""
-    return list(_calibration())

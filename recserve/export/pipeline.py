@@ -19,7 +19,6 @@ from recserve.export import int8, onnx_export, parity, repository, timing
 from recserve.export.checkpoint import Checkpoint, inspect_checkpoint, weights_sha256
 from recserve.export.errors import ExportError, ParityFailure
 from recserve.export.parity_texts import parity_pairs, parity_texts
-from recserve.export.runner import Encoder, FloatArray, GraphSpec, Item
 from recserve.manifest import (
     TOKENIZER_FILE,
     ExportInfo,
@@ -30,13 +29,15 @@ from recserve.manifest import (
     Task,
     Variant,
 )
+from recserve.runner import CPU, CUDA, GraphSpec, TextRunner
+from recserve.tensors import FloatArray, Item
 
 GraphKind = Literal["fused", "plain"]
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 PROVIDERS: dict[Precision, str] = {
-    "fp32": "CPUExecutionProvider",
-    "fp16": "CUDAExecutionProvider",
-    "int8": "CPUExecutionProvider",
+    "fp32": CPU,
+    "fp16": CUDA,
+    "int8": CPU,
 }
 _VERSIONED = (
     "torch",
@@ -143,7 +144,8 @@ def export(options: ExportOptions, echo: Callable[[str], None] = print) -> Expor
                 "timing", "timing the CPU graphs (fp32 fused vs plain, int8) on mixed lengths"
             ):
                 encoders = {
-                    name: Encoder(path, tokenizer_file, spec) for name, path in built.candidates.items()
+                    name: TextRunner.open(path, tokenizer_file, spec)
+                    for name, path in built.candidates.items()
                 }
                 timings = timing.time_graphs(encoders, items)
                 for name, t in timings.items():
@@ -292,7 +294,7 @@ def _place_variant(
     """Moves a gated variant into the repository and describes it for the manifest."""
     final = repo / f"model.{precision}.onnx"
     shutil.move(built.files[precision], final)
-    cpu = checks["CPUExecutionProvider"]
+    cpu = checks[CPU]
     failed = not all(check.passed for check in checks.values())
     return Variant(
         file=final.name,
@@ -304,7 +306,7 @@ def _place_variant(
         fused_ops=onnx_export.count_fused_ops(final),
         timings=built.timings_for(precision, timings),
         parity=cpu,
-        parity_cuda=checks.get("CUDAExecutionProvider"),
+        parity_cuda=checks.get(CUDA),
         notes=built.notes[precision] + (" FAILED the parity gate; kept by --keep-failing." if failed else ""),
     )
 
@@ -320,11 +322,13 @@ def _gate(
     """Parity on the CPU provider always; fp16 also on CUDA when this machine has it."""
     import onnxruntime as ort
 
-    providers = ["CPUExecutionProvider"]
-    if precision == "fp16" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.append("CUDAExecutionProvider")
+    providers = [CPU]
+    if precision == "fp16" and CUDA in ort.get_available_providers():
+        providers.append(CUDA)
     return {
-        provider: parity.check_variant(Encoder(path, tokenizer, spec, provider), precision, items, expected)
+        provider: parity.check_variant(
+            TextRunner.open(path, tokenizer, spec, provider), precision, items, expected
+        )
         for provider in providers
     }
 

@@ -13,14 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from recserve.export.checkpoint import Checkpoint, inspect_checkpoint
 from recserve.export.errors import ExportError
-from recserve.export.runner import Item
 from recserve.manifest import Task
+from recserve.tensors import FloatArray, Item
 
-FloatArray = npt.NDArray[np.float32]
 BATCH = 32
 
 

@@ -11,29 +11,33 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from recserve.export.runner import Encoder, Feeds, Item
+from recserve.runner import TextRunner
+from recserve.tensors import Feeds, Item
 
 BATCH = 16
 SINGLE_TEXTS = 32
 ROUNDS = 3
 
 
-def time_graphs(encoders: dict[str, Encoder], items: Sequence[Item]) -> dict[str, dict[str, float]]:
+def time_graphs(encoders: dict[str, TextRunner], items: Sequence[Item]) -> dict[str, dict[str, float]]:
     """name -> {"batched": seconds, "batch1": seconds}, each a sum of per-batch best times."""
     first = next(iter(encoders.values()))
-    lengths = [len(ids) for ids in first.token_ids(items)]
+    lengths = [e.length for e in first.encode(items)]
     ordered = [items[i] for i in sorted(range(len(items)), key=lambda i: lengths[i])]
     workloads = {
         "batched": [ordered[i : i + BATCH] for i in range(0, len(ordered), BATCH)],
         "batch1": [[item] for item in items[:SINGLE_TEXTS]],
     }
     feeds: dict[str, dict[str, list[Feeds]]] = {
-        name: {w: [enc.feeds(batch)[0] for batch in batches] for w, batches in workloads.items()}
+        name: {
+            w: [enc.runner.feeds(enc.encode(batch))[0] for batch in batches]
+            for w, batches in workloads.items()
+        }
         for name, enc in encoders.items()
     }
     best = {name: {w: [float("inf")] * len(b) for w, b in workloads.items()} for name in encoders}
     for name, enc in encoders.items():  # warm-up: first runs allocate and plan
-        enc.run_feeds(feeds[name]["batched"][-1])
+        enc.runner.run_feeds(feeds[name]["batched"][-1])
     names = list(encoders)
     for round_ in range(ROUNDS):
         # Alternate the order so no graph always runs right after another's cache-warming pass.
@@ -41,7 +45,7 @@ def time_graphs(encoders: dict[str, Encoder], items: Sequence[Item]) -> dict[str
             for workload, batches in feeds[name].items():
                 for i, batch in enumerate(batches):
                     start = time.perf_counter()
-                    encoders[name].run_feeds(batch)
+                    encoders[name].runner.run_feeds(batch)
                     elapsed = time.perf_counter() - start
                     best[name][workload][i] = min(best[name][workload][i], elapsed)
     return {name: {w: round(sum(times), 4) for w, times in per.items()} for name, per in best.items()}

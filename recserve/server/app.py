@@ -1,6 +1,7 @@
-"""Server lifecycle: load -> bind -> warm up -> SERVING -> (signal) -> NOT_SERVING -> drain -> exit.
+"""Server lifecycle: bind -> warm up -> SERVING -> (signal) -> NOT_SERVING -> drain -> exit.
 
-`running_server` is the async context manager tests and `recserve serve` share; `serve` adds signals.
+`running_server` is the composition root that tests and `recserve serve` share: it takes the model (the
+seam of server/model.py), so tests can serve a fake one. `serve` loads the real model and adds signals.
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from recserve.manifest import Manifest
 from recserve.server.batcher import Batcher, BatcherConfig
 from recserve.server.engine import Engine, Limits
 from recserve.server.metrics import Metrics, serve_metrics
-from recserve.server.runtime import OnnxBackend, TokenizerPool, load_backend
+from recserve.server.model import Backend, Model
 from recserve.server.service import SERVICE_NAME, InferenceService, build_info
 from recserve.server.settings import ServerSettings
-from recserve.server.types import Encoded
+from recserve.tensors import Encoded
 from recserve.v1 import inference_pb2 as pb
 from recserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -45,7 +45,7 @@ class RunningServer:
     port: int
     metrics_port: int | None
     engine: Engine
-    backend: OnnxBackend
+    model: Model
     metrics: Metrics
     health: health.aio.HealthServicer
     grpc_server: grpc.aio.Server
@@ -88,10 +88,12 @@ def _dummy(length: int) -> Encoded:
     return Encoded(ids=ids, type_ids=np.zeros(length, dtype=np.int64))
 
 
-async def _warm_up(backend: OnnxBackend, settings: ServerSettings, executor: ThreadPoolExecutor) -> None:
+async def _warm_up(
+    backend: Backend, max_length: int, settings: ServerSettings, executor: ThreadPoolExecutor
+) -> None:
     started = time.perf_counter()
     loop = asyncio.get_running_loop()
-    batches = warmup_batches(settings.max_batch_size, settings.max_batch_tokens, backend.manifest.max_length)
+    batches = warmup_batches(settings.max_batch_size, settings.max_batch_tokens, max_length)
     for batch in batches:
         await loop.run_in_executor(executor, backend.warm_up, batch)
     log.info(
@@ -102,33 +104,23 @@ async def _warm_up(backend: OnnxBackend, settings: ServerSettings, executor: Thr
 @contextlib.asynccontextmanager
 async def running_server(
     settings: ServerSettings,
+    model: Model,
     registry: CollectorRegistry | None = None,
     *,
     before_ready: Callable[[RunningServer], Awaitable[None]] | None = None,
 ) -> AsyncIterator[RunningServer]:
-    """Loads the model repository, binds, warms up and yields a SERVING server; drains on exit.
+    """Binds, warms `model` up and yields a SERVING server; drains on exit.
 
     Health answers NOT_SERVING from the moment the port is bound until warm-up (and `before_ready`, a hook
     for tests) is done, and again from the start of the drain.
     """
-    manifest = Manifest.load(settings.model_repo)
+    manifest, backend = model.manifest, model.backend
     loop = asyncio.get_running_loop()
-    backend = await loop.run_in_executor(
-        None,
-        load_backend,
-        settings.model_repo,
-        manifest,
-        settings.device,
-        settings.precision,
-        settings.intra_op_threads,
-        settings.inter_op_threads,
-        settings.max_concurrent_batches,
-    )
-    tokenizers = TokenizerPool(settings.model_repo / manifest.tokenizer_file, settings.tokenizer_threads)
     metrics = Metrics(registry)
     metrics.set_model(
-        manifest.model_name, manifest.source.weights_sha256, backend.selection.precision, backend.provider
+        manifest.model_name, manifest.source.weights_sha256, backend.precision, backend.provider
     )
+    tokenize_executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
     model_executor = ThreadPoolExecutor(max_workers=backend.concurrent_batches, thread_name_prefix="model")
     health_servicer = health.aio.HealthServicer()
     grpc_server = grpc.aio.server(options=grpc_options(settings))
@@ -144,28 +136,19 @@ async def running_server(
     background: set[asyncio.Task[None]] = set()
     batcher = Batcher(
         backend.run,
-        BatcherConfig(
-            max_batch_size=settings.max_batch_size,
-            max_batch_tokens=settings.max_batch_tokens,
-            max_delay_s=settings.max_delay_ms / 1000,
-            max_queue_texts=settings.max_queue_texts,
-            window_texts=settings.window_texts,
-            max_concurrent_batches=backend.concurrent_batches,
-            max_padding_ratio=settings.max_padding_ratio,
-        ),
+        BatcherConfig.from_settings(settings, backend.concurrent_batches),
         model_executor,
         observer=metrics,
         on_fatal=on_fatal,
     )
-    metrics.watch_backlog(lambda: batcher.stats.backlog_seconds)
     engine = Engine(
         manifest,
-        tokenizers.encode,
-        tokenizers.encode_pairs,
-        tokenizers.executor,
+        model.tokenizer,
+        tokenize_executor,
         batcher,
         Limits(settings.max_texts_per_call, settings.max_text_bytes),
     )
+    metrics.watch(backlog_seconds=lambda: batcher.stats.backlog_seconds, in_flight=lambda: engine.in_flight)
     limits = pb.Limits(
         max_texts_per_call=settings.max_texts_per_call,
         max_text_bytes=settings.max_text_bytes,
@@ -174,7 +157,7 @@ async def running_server(
         max_batch_size=settings.max_batch_size,
         max_queue_texts=settings.max_queue_texts,
     )
-    info = build_info(engine, backend.selection.precision, backend.provider, limits)
+    info = build_info(manifest, backend.precision, backend.provider, limits)
     servicer = InferenceService(engine, metrics, info)
     pb_grpc.add_InferenceServicer_to_server(servicer, grpc_server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
@@ -192,12 +175,12 @@ async def running_server(
     await grpc_server.start()
     log.info("listening", extra={"address": f"{settings.host}:{port}", "metrics_port": metrics_port})
     running = RunningServer(
-        settings, port, metrics_port, engine, backend, metrics, health_servicer, grpc_server
+        settings, port, metrics_port, engine, model, metrics, health_servicer, grpc_server
     )
     try:
         await batcher.start()
         if settings.warmup:
-            await _warm_up(backend, settings, model_executor)
+            await _warm_up(backend, manifest.max_length, settings, model_executor)
         if before_ready is not None:
             await before_ready(running)
         engine.open()
@@ -206,7 +189,7 @@ async def running_server(
             "serving",
             extra={
                 "model": manifest.model_name,
-                "precision": backend.selection.precision,
+                "precision": backend.precision,
                 "provider": backend.provider,
             },
         )
@@ -223,7 +206,7 @@ async def running_server(
             log.warning("grace period over with calls in flight; they are cancelled")
         await batcher.stop(drain=drained, timeout=1.0)
         await grpc_server.stop(0 if not drained else 1.0)
-        tokenizers.shutdown()
+        tokenize_executor.shutdown(wait=True, cancel_futures=True)
         model_executor.shutdown(wait=True, cancel_futures=True)
         if metrics_http is not None:
             metrics_http.shutdown()  # type: ignore[attr-defined]
@@ -242,7 +225,11 @@ async def serve(settings: ServerSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with running_server(settings):
+    # Imported here: the composition root above never needs onnxruntime, the real model does.
+    from recserve.server.runtime import load_model
+
+    model = await loop.run_in_executor(None, load_model, settings)
+    async with running_server(settings, model):
         await stop.wait()
         log.info("signal received, shutting down")
     return 0

@@ -8,12 +8,15 @@ import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from recserve.server.errors import DeadlineExceeded, Internal, InvalidArgument, Overloaded, Unavailable
-from recserve.server.types import Encoded, FloatArray
+from recserve.server.errors import DeadlineExceeded, Internal, Overloaded, Unavailable
+from recserve.tensors import Encoded, FloatArray
+
+if TYPE_CHECKING:
+    from recserve.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,20 @@ class BatcherConfig:
         if not self.max_padding_ratio >= 1.0:
             raise ValueError(f"max_padding_ratio must be >= 1, got {self.max_padding_ratio}")
 
+    @classmethod
+    def from_settings(cls, settings: ServerSettings, max_concurrent_batches: int = 1) -> BatcherConfig:
+        """The batcher's part of the server settings (whose names it shares); the runtime decides how many
+        batches may run at once."""
+        return cls(
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_delay_s=settings.max_delay_ms / 1000,
+            max_queue_texts=settings.max_queue_texts,
+            window_texts=settings.window_texts,
+            max_concurrent_batches=max_concurrent_batches,
+            max_padding_ratio=settings.max_padding_ratio,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
@@ -85,6 +102,31 @@ class BatcherStats:
     def backlog_seconds(self) -> float:
         """Seconds of model work waiting (an autoscaling signal); 0.0 while the rate is unknown."""
         return self.queued_tokens / self.tokens_per_second if self.tokens_per_second > 0 else 0.0
+
+
+class Reservation:
+    """Room for a call's texts in the queue, held from admission until they are queued or the call ends.
+
+    Admission reserves before tokenising, so that a call the queue has no room for is refused before any
+    work is spent on it. Release is idempotent: `submit` turns the room into queued texts, and leaving the
+    `with` block gives back whatever was not used.
+    """
+
+    __slots__ = ("_batcher", "texts")
+
+    def __init__(self, batcher: Batcher, texts: int) -> None:
+        self._batcher = batcher
+        self.texts = texts
+
+    def release(self) -> None:
+        self._batcher._reserved_texts -= self.texts
+        self.texts = 0
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class BatchObserver(Protocol):
@@ -269,6 +311,7 @@ class Batcher:
         self._backlog: deque[_Item] = deque()
         self._queued_texts = 0
         self._queued_tokens = 0
+        self._reserved_texts = 0  # admitted, still being tokenised (see Reservation)
         self._running = 0
         self._closing = False
         self._dead = False
@@ -287,23 +330,42 @@ class Batcher:
         self._task = self._loop.create_task(self._run(), name="recserve-batcher")
         self._task.add_done_callback(self._loop_exited)
 
-    def submit(self, items: Sequence[Encoded], deadline: float | None = None) -> asyncio.Future[BatchResult]:
-        """Queues `items` (one request) and returns a future of its `BatchResult`.
+    def reserve(self, texts: int) -> Reservation:
+        """Admits a call of `texts` texts before any work is spent on it, or refuses it at once.
 
-        `deadline` is absolute, on the event loop's clock. Raises at once: Overloaded when the queue would
-        exceed `max_queue_texts`, Unavailable when stopping, stopped or dead, DeadlineExceeded when `deadline`
-        has already passed, InvalidArgument for an empty request.
+        Raises Overloaded when the queued and reserved texts leave no room for them within
+        `max_queue_texts`, Unavailable when stopping, stopped or dead.
         """
+        self._check_room(texts, 0)
+        self._reserved_texts += texts
+        return Reservation(self, texts)
+
+    def _check_room(self, texts: int, held: int) -> None:
         if self._loop is None or self._closing or self._dead:
             raise Unavailable("the batcher is not accepting requests")
+        limit = self._config.max_queue_texts
+        if self._queued_texts + self._reserved_texts - held + texts > limit:
+            raise Overloaded(
+                f"the queue is full ({self._queued_texts} texts waiting and {self._reserved_texts} being "
+                f"tokenised, of {limit}; this call has {texts}): retry later or on another replica"
+            )
+
+    def submit(
+        self, items: Sequence[Encoded], deadline: float | None = None, room: Reservation | None = None
+    ) -> asyncio.Future[BatchResult]:
+        """Queues `items` (one request) and returns a future of its `BatchResult`.
+
+        `deadline` is absolute, on the event loop's clock; `room`, if given, is this call's reservation and
+        is used up. Raises at once: Overloaded when the queue would exceed `max_queue_texts`, Unavailable
+        when stopping, stopped or dead, DeadlineExceeded when `deadline` has already passed.
+        """
         size = len(items)
         if size == 0:
-            raise InvalidArgument("no texts to run")
-        limit = self._config.max_queue_texts
-        if self._queued_texts + size > limit:
-            raise Overloaded(
-                f"the queue is full ({self._queued_texts} of {limit} texts waiting); retry later"
-            )
+            raise ValueError("submit needs at least one item")  # callers validate; this is a bug guard
+        self._check_room(size, room.texts if room is not None else 0)
+        if room is not None:
+            room.release()
+        assert self._loop is not None  # _check_room refuses a batcher that was never started
         now = self._loop.time()
         if deadline is not None and now >= deadline:
             self._observer.dropped("deadline", size)
@@ -340,21 +402,6 @@ class Batcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-    @property
-    def queue_texts(self) -> int:
-        """Texts waiting for a batch."""
-        return self._queued_texts
-
-    @property
-    def queue_tokens(self) -> int:
-        """Real (unpadded) tokens waiting for a batch."""
-        return self._queued_tokens
-
-    @property
-    def running(self) -> int:
-        """Batches executing now."""
-        return self._running
 
     @property
     def alive(self) -> bool:
@@ -438,10 +485,13 @@ class Batcher:
         request = item.request
         if not request.dropped:
             reason = None
+            expired = request.deadline is not None and now >= request.deadline
             if request.future.done():
-                # Cancelled by its caller, or already failed by another of its batches (reported there).
-                reason = "cancelled" if request.future.cancelled() else None
-            elif request.deadline is not None and now >= request.deadline:
+                # Cancelled by its caller (by gRPC, when the deadline passed), or already failed by another
+                # of its batches (reported there).
+                if request.future.cancelled():
+                    reason = "deadline" if expired else "cancelled"
+            elif expired:
                 reason = "deadline"
                 request.future.set_exception(
                     DeadlineExceeded("the deadline passed while the request was queued")

@@ -1,7 +1,8 @@
-"""The recommender operations on top of the batcher: validate -> tokenise (threads) -> batch -> post-process.
+"""The recommender operations on top of the batcher: validate -> admit -> tokenise (threads) -> batch ->
+post-process.
 
 Knows nothing of gRPC or protobuf: the transport (service.py) turns messages into these calls and the
-ServeError subclasses raised here into status codes.
+ServeError subclasses raised here into status codes. Validation of a call's content lives here, once.
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from recserve.manifest import Manifest
-from recserve.pooling import l2_normalize
-from recserve.server.batcher import Batcher
+from recserve.server.batcher import Batcher, Reservation
 from recserve.server.errors import InvalidArgument, Unavailable
-from recserve.server.types import Encoded, FloatArray
+from recserve.server.model import Tokenizer
+from recserve.tensors import Encoded, FloatArray, l2_normalize
 
 Similarity = Literal["cosine", "dot"]
 
@@ -68,15 +70,13 @@ class Engine:
     def __init__(
         self,
         manifest: Manifest,
-        encode: Callable[[Sequence[str]], list[Encoded]],
-        encode_pairs: Callable[[str, Sequence[str]], list[Encoded]],
-        tokenize_executor: object,
+        tokenizer: Tokenizer,
+        tokenize_executor: Executor,
         batcher: Batcher,
         limits: Limits,
     ) -> None:
         self.manifest = manifest
-        self._encode = encode
-        self._encode_pairs = encode_pairs
+        self._tokenizer = tokenizer
         self._tokenize_executor = tokenize_executor
         self.batcher = batcher
         self.limits = limits
@@ -87,6 +87,11 @@ class Engine:
         self._idle.set()
 
     # --- lifecycle ------------------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Embed and Score calls being handled (the in-flight gauge reads it; the drain waits for 0)."""
+        return self._in_flight
+
     def open(self) -> None:
         self.accepting = True
 
@@ -132,9 +137,10 @@ class Engine:
             )
         self._check_texts("texts", texts)
         timings = Timings()
-        items = await self._tokenize(timings, self._encode, texts)
-        truncated = self._truncated("texts", items, strict)
-        rows = await self._run(timings, items, deadline)
+        with self.batcher.reserve(len(texts)) as room:
+            items = await self._tokenize(timings, self._tokenizer.encode, texts)
+            truncated = self._truncated("texts", items, strict)
+            rows = await self._run(timings, items, deadline, room)
         if normalize if normalize is not None else self.manifest.normalize:
             rows = l2_normalize(rows)
         return EmbedResult(rows, truncated, [item.length for item in items], timings)
@@ -168,10 +174,12 @@ class Engine:
         self._check_texts(head_name, head)
         timings = Timings()
         # The query (or history) and the candidates travel together: one submission, one queue wait.
-        items = await self._tokenize(timings, self._encode, [*head, *candidates])
-        self._truncated(head_name, items[: len(head)], strict)
-        truncated = self._truncated("candidates", items[len(head) :], strict)
-        rows = await self._run(timings, items, deadline)
+        texts = [*head, *candidates]
+        with self.batcher.reserve(len(texts)) as room:
+            items = await self._tokenize(timings, self._tokenizer.encode, texts)
+            self._truncated(head_name, items[: len(head)], strict)
+            truncated = self._truncated("candidates", items[len(head) :], strict)
+            rows = await self._run(timings, items, deadline, room)
         head_rows, candidate_rows = rows[: len(head)], rows[len(head) :]
         if isinstance(query, UserHistory):
             # UserInterest = sum_i w_i * e_i over normalised item embeddings, renormalised.
@@ -199,9 +207,12 @@ class Engine:
             )
         self._check_texts("query_text", [query])
         timings = Timings()
-        items = await self._tokenize(timings, lambda c: self._encode_pairs(query, c), candidates)
-        truncated = self._truncated("candidates", items, strict)
-        rows = await self._run(timings, items, deadline)
+        with self.batcher.reserve(len(candidates)) as room:
+            items = await self._tokenize(
+                timings, lambda c: self._tokenizer.encode_pairs(query, c), candidates
+            )
+            truncated = self._truncated("candidates", items, strict)
+            rows = await self._run(timings, items, deadline, room)
         # One logit: it is the relevance. Several (a classifier): the last is the "relevant" class.
         return ScoreResult(rows[:, -1].astype(np.float32), truncated, timings, len(items))
 
@@ -256,12 +267,14 @@ class Engine:
     ) -> list[Encoded]:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        items = await loop.run_in_executor(self._tokenize_executor, encode, texts)  # type: ignore[arg-type]
+        items = await loop.run_in_executor(self._tokenize_executor, encode, texts)
         timings.tokenize_s = time.perf_counter() - started
         return items
 
-    async def _run(self, timings: Timings, items: Sequence[Encoded], deadline: float | None) -> FloatArray:
-        result = await self.batcher.submit(items, deadline)
+    async def _run(
+        self, timings: Timings, items: Sequence[Encoded], deadline: float | None, room: Reservation
+    ) -> FloatArray:
+        result = await self.batcher.submit(items, deadline, room)
         timings.queue_s = result.queue_s
         timings.infer_s = result.infer_s
         return result.rows

@@ -1,8 +1,13 @@
-"""Prometheus metrics, declared once: prefix `recserve_`, base units, explicit buckets, registry passed in."""
+"""Prometheus metrics, declared once: prefix `recserve_`, base units, explicit buckets, registry passed in.
+
+The family names are module constants (`Name.*`) so that the benchmark's scraper reads the very names the
+server writes; a counter's exposed sample carries `_total`, a histogram's `_sum`, `_count` and `_bucket`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -15,6 +20,33 @@ TOKEN_BUCKETS = tuple(float(2**k) for k in range(4, 18))  # 16 .. 131072 padded 
 PADDING_BUCKETS = (1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5, 2.0, 3.0, 4.0, 8.0)
 
 
+class Name:
+    """Every family's name as Prometheus exposes it (counters without their `_total` suffix)."""
+
+    REQUESTS: Final = f"{PREFIX}_requests"
+    TEXTS: Final = f"{PREFIX}_texts"
+    FAILURES: Final = f"{PREFIX}_failures"
+    DROPPED_TEXTS: Final = f"{PREFIX}_dropped_texts"
+    REQUEST_SECONDS: Final = f"{PREFIX}_request_duration_seconds"
+    TOKENIZE_SECONDS: Final = f"{PREFIX}_tokenize_seconds"
+    QUEUE_WAIT_SECONDS: Final = f"{PREFIX}_queue_wait_seconds"
+    INFERENCE_SECONDS: Final = f"{PREFIX}_inference_seconds"
+    BATCH_SIZE: Final = f"{PREFIX}_batch_size"
+    BATCH_TOKENS: Final = f"{PREFIX}_batch_tokens"
+    BATCH_REAL_TOKENS: Final = f"{PREFIX}_batch_real_tokens"
+    PADDING_RATIO: Final = f"{PREFIX}_padding_ratio"
+    QUEUE_TEXTS: Final = f"{PREFIX}_queue_texts"
+    QUEUE_TOKENS: Final = f"{PREFIX}_queue_tokens"
+    IN_FLIGHT: Final = f"{PREFIX}_in_flight"
+    BACKLOG_SECONDS: Final = f"{PREFIX}_backlog_seconds"
+    MODEL_INFO: Final = f"{PREFIX}_model_info"
+
+
+def total(counter: str) -> str:
+    """The sample name of a counter family: `recserve_requests` -> `recserve_requests_total`."""
+    return f"{counter}_total"
+
+
 class Metrics:
     """Every metric family of the server; also the batcher's observer."""
 
@@ -25,48 +57,52 @@ class Metrics:
         def histogram(
             name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()
         ) -> Histogram:
-            return Histogram(f"{PREFIX}_{name}", doc, labels, buckets=buckets, registry=r)
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
 
         self.requests = Counter(
-            f"{PREFIX}_requests", "Calls by RPC and gRPC status code", ("rpc", "code"), registry=r
+            Name.REQUESTS, "Calls by RPC and gRPC status code", ("rpc", "code"), registry=r
         )
         self.texts = Counter(
-            f"{PREFIX}_texts",
+            Name.TEXTS,
             "Texts (or pairs) run through the model for calls that succeeded",
             ("rpc",),
             registry=r,
         )
         self.failures = Counter(
-            f"{PREFIX}_failures", "Failed calls or dropped texts by reason", ("reason",), registry=r
+            Name.FAILURES, "Failed calls by reason (one per call)", ("reason",), registry=r
         )
-        self.request_seconds = histogram("request_duration_seconds", "Whole call", DURATION_BUCKETS, ("rpc",))
-        self.tokenize_seconds = histogram("tokenize_seconds", "Tokenisation of one call", DURATION_BUCKETS)
+        self.dropped_texts = Counter(
+            Name.DROPPED_TEXTS,
+            "Queued texts the batcher dropped before inference, by reason (deadline, cancelled)",
+            ("reason",),
+            registry=r,
+        )
+        self.request_seconds = histogram(Name.REQUEST_SECONDS, "Whole call", DURATION_BUCKETS, ("rpc",))
+        self.tokenize_seconds = histogram(Name.TOKENIZE_SECONDS, "Tokenisation of one call", DURATION_BUCKETS)
         self.queue_wait_seconds = histogram(
-            "queue_wait_seconds", "From enqueue to the call's first batch starting", DURATION_BUCKETS
+            Name.QUEUE_WAIT_SECONDS, "From enqueue to the call's first batch starting", DURATION_BUCKETS
         )
         self.inference_seconds = histogram(
-            "inference_seconds", "One batch through the model", DURATION_BUCKETS
+            Name.INFERENCE_SECONDS, "One batch through the model", DURATION_BUCKETS
         )
-        self.batch_size = histogram("batch_size", "Texts per batch", BATCH_SIZE_BUCKETS)
+        self.batch_size = histogram(Name.BATCH_SIZE, "Texts per batch", BATCH_SIZE_BUCKETS)
         self.batch_tokens = histogram(
-            "batch_tokens", "Padded tokens per batch (longest x count)", TOKEN_BUCKETS
+            Name.BATCH_TOKENS, "Padded tokens per batch (longest x count)", TOKEN_BUCKETS
         )
-        self.batch_real_tokens = Counter(
-            f"{PREFIX}_batch_real_tokens", "Real (unpadded) tokens run", registry=r
-        )
+        self.batch_real_tokens = Counter(Name.BATCH_REAL_TOKENS, "Real (unpadded) tokens run", registry=r)
         self.padding_ratio = histogram(
-            "padding_ratio", "Padded tokens / real tokens per batch", PADDING_BUCKETS
+            Name.PADDING_RATIO, "Padded tokens / real tokens per batch", PADDING_BUCKETS
         )
-        self.queue_texts = Gauge(f"{PREFIX}_queue_texts", "Texts waiting for a batch", registry=r)
-        self.queue_tokens = Gauge(f"{PREFIX}_queue_tokens", "Tokens waiting for a batch", registry=r)
-        self.in_flight = Gauge(f"{PREFIX}_in_flight", "Calls being handled", registry=r)
+        self.queue_texts = Gauge(Name.QUEUE_TEXTS, "Texts waiting for a batch", registry=r)
+        self.queue_tokens = Gauge(Name.QUEUE_TOKENS, "Tokens waiting for a batch", registry=r)
+        self.in_flight = Gauge(Name.IN_FLIGHT, "Embed and Score calls being handled", registry=r)
         self.backlog_seconds = Gauge(
-            f"{PREFIX}_backlog_seconds",
+            Name.BACKLOG_SECONDS,
             "Queued tokens / recent tokens per second: seconds of work waiting (an autoscaling signal)",
             registry=r,
         )
         self.model_info = Gauge(
-            f"{PREFIX}_model_info",
+            Name.MODEL_INFO,
             "The model served (value 1)",
             ("name", "sha256", "precision", "provider"),
             registry=r,
@@ -75,9 +111,11 @@ class Metrics:
     def set_model(self, name: str, sha256: str, precision: str, provider: str) -> None:
         self.model_info.labels(name, sha256, precision, provider).set(1)
 
-    def watch_backlog(self, backlog_seconds: Callable[[], float]) -> None:
-        """The backlog gauge reads the batcher's own estimate at scrape time."""
+    def watch(self, backlog_seconds: Callable[[], float], in_flight: Callable[[], int]) -> None:
+        """These gauges read the batcher's estimate and the engine's count at scrape time, so neither
+        number is kept twice."""
         self.backlog_seconds.set_function(backlog_seconds)
+        self.in_flight.set_function(in_flight)
 
     # --- batcher observer -------------------------------------------------------------------------
     def batch_started(self, size: int, real_tokens: int, padded_tokens: int) -> None:
@@ -93,7 +131,7 @@ class Metrics:
         self.queue_wait_seconds.observe(seconds)
 
     def dropped(self, reason: str, texts: int) -> None:
-        self.failures.labels(reason).inc(texts)
+        self.dropped_texts.labels(reason).inc(texts)
 
     def queue_changed(self, texts: int, tokens: int) -> None:
         self.queue_texts.set(texts)

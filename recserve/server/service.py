@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 
 from recserve import __version__
+from recserve.manifest import Manifest
 from recserve.server import errors
 from recserve.server.engine import Engine, Similarity, Timings, UserHistory
 from recserve.server.metrics import Metrics
@@ -26,17 +27,10 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
-STATUS: dict[type[errors.ServeError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Cancelled: grpc.StatusCode.CANCELLED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.Internal: grpc.StatusCode.INTERNAL,
-}
-
-_PACKED: dict[int, np.dtype[np.floating]] = {
+# The wire form of vectors: None is repeated floats, a dtype is packed little-endian bytes.
+_ENCODINGS: dict[int, np.dtype[np.floating] | None] = {
+    pb.VECTOR_ENCODING_UNSPECIFIED: None,
+    pb.VECTOR_ENCODING_FLOAT: None,
     pb.VECTOR_ENCODING_PACKED_F32: np.dtype("<f4"),
     pb.VECTOR_ENCODING_PACKED_F16: np.dtype("<f2"),
 }
@@ -60,19 +54,30 @@ def _deadline(context: grpc.aio.ServicerContext[object, object]) -> float | None
     return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
-def encode_vectors(vectors: np.ndarray, encoding: int, response: pb.EmbedResponse) -> None:
-    """Fills `response` with `vectors` [n, dim] in the caller's encoding."""
-    if encoding in (pb.VECTOR_ENCODING_UNSPECIFIED, pb.VECTOR_ENCODING_FLOAT):
-        response.encoding = pb.VECTOR_ENCODING_FLOAT
-        response.vectors.extend(pb.Vector(values=row) for row in vectors.tolist())
-        return
-    dtype = _PACKED.get(encoding)
-    if dtype is None:
+def status_code(error: BaseException) -> grpc.StatusCode:
+    """The status a failure reaches the caller with: its class's code, INTERNAL for anything unexpected."""
+    if isinstance(error, errors.ServeError):
+        return grpc.StatusCode[error.code]
+    return grpc.StatusCode.INTERNAL
+
+
+def vector_encoding(encoding: int) -> int:
+    """The caller's vector encoding, checked before any work is done for the call."""
+    if encoding not in _ENCODINGS:
         raise errors.InvalidArgument(
             f"unknown vector encoding {encoding}: use FLOAT, PACKED_F32 or PACKED_F16"
         )
+    return pb.VECTOR_ENCODING_FLOAT if encoding == pb.VECTOR_ENCODING_UNSPECIFIED else encoding
+
+
+def encode_vectors(vectors: np.ndarray, encoding: int, response: pb.EmbedResponse) -> None:
+    """Fills `response` with `vectors` [n, dim] in `encoding`, as vector_encoding returned it."""
     response.encoding = encoding  # type: ignore[assignment]
-    response.packed = np.ascontiguousarray(vectors, dtype=dtype).tobytes()
+    dtype = _ENCODINGS[encoding]
+    if dtype is None:
+        response.vectors.extend(pb.Vector(values=row) for row in vectors.tolist())
+    else:
+        response.packed = np.ascontiguousarray(vectors, dtype=dtype).tobytes()
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -85,17 +90,24 @@ class InferenceService(pb_grpc.InferenceServicer):
         self,
         rpc: str,
         context: grpc.aio.ServicerContext[object, object],
-        call: Callable[[], Awaitable[tuple[Reply, Timings, int]]],
+        call: Callable[[float | None], Awaitable[tuple[Reply, Timings, int]]],
     ) -> Reply:
-        """Runs one call: request id, timings in trailing metadata, metrics, and the status mapping."""
+        """Runs one call: request id, timings in trailing metadata, metrics, and the status mapping.
+
+        `call` gets the call's deadline on the event loop's clock (None without one).
+        """
         started = time.perf_counter()
         request_id = dict(context.invocation_metadata() or ()).get("x-request-id") or uuid.uuid4().hex[:16]
-        self.metrics.in_flight.inc()
+        deadline = _deadline(context)
         failure: BaseException
         try:
-            reply, timings, texts = await call()
+            reply, timings, texts = await call(deadline)
         except asyncio.CancelledError:
-            self._record(rpc, grpc.StatusCode.CANCELLED, "cancelled", started, request_id)
+            # gRPC cancels the handler both when the client goes away and when its deadline passes.
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                self._record(rpc, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline", started, request_id)
+            else:
+                self._record(rpc, grpc.StatusCode.CANCELLED, "cancelled", started, request_id)
             raise
         except Exception as exc:
             failure = exc
@@ -114,7 +126,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             return reply
 
         known = isinstance(failure, errors.ServeError) and not isinstance(failure, errors.Internal)
-        code = STATUS[type(failure)] if isinstance(failure, errors.ServeError) else grpc.StatusCode.INTERNAL
+        code = status_code(failure)
         if known:
             log.info("call refused", extra={"request_id": request_id, "rpc": rpc, "code": code.name})
             message = str(failure)
@@ -133,7 +145,6 @@ class InferenceService(pb_grpc.InferenceServicer):
     ) -> None:
         """Counts one finished call, exactly once, before its status reaches the client."""
         seconds = time.perf_counter() - started
-        self.metrics.in_flight.dec()
         self.metrics.requests.labels(rpc, code.name).inc()
         self.metrics.request_seconds.labels(rpc).observe(seconds)
         if reason is not None:
@@ -146,20 +157,17 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.EmbedResponse:
-        async def call() -> tuple[pb.EmbedResponse, Timings, int]:
+        async def call(deadline: float | None) -> tuple[pb.EmbedResponse, Timings, int]:
             strict = _strict(request.truncation)
-            if request.encoding not in pb.VectorEncoding.values():
-                raise errors.InvalidArgument(
-                    f"unknown vector encoding {request.encoding}: use FLOAT, PACKED_F32 or PACKED_F16"
-                )
+            encoding = vector_encoding(request.encoding)
             normalize = request.normalize if request.HasField("normalize") else None
-            result = await self.engine.embed(request.texts, normalize, strict, _deadline(context))
+            result = await self.engine.embed(request.texts, normalize, strict, deadline)
             response = pb.EmbedResponse(
                 dimension=result.vectors.shape[1],
                 truncated=result.truncated,
                 token_counts=result.token_counts,
             )
-            encode_vectors(result.vectors, request.encoding, response)
+            encode_vectors(result.vectors, encoding, response)
             return response, result.timings, len(request.texts)
 
         return await self._handle("Embed", context, call)
@@ -167,7 +175,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ScoreResponse:
-        async def call() -> tuple[pb.ScoreResponse, Timings, int]:
+        async def call(deadline: float | None) -> tuple[pb.ScoreResponse, Timings, int]:
             strict = _strict(request.truncation)
             similarity = _SIMILARITY.get(request.similarity)
             if similarity is None:
@@ -180,9 +188,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 query = UserHistory(request.user_history.texts, request.user_history.weights)
             else:
                 raise errors.InvalidArgument("set the query: query_text or user_history")
-            result = await self.engine.score(
-                query, request.candidates, similarity, strict, _deadline(context)
-            )
+            result = await self.engine.score(query, request.candidates, similarity, strict, deadline)
             response = pb.ScoreResponse(scores=result.scores.tolist(), truncated=result.truncated)
             return response, result.timings, result.model_texts
 
@@ -191,14 +197,14 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Info(
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.InfoResponse:
-        async def call() -> tuple[pb.InfoResponse, Timings, int]:
+        async def call(deadline: float | None) -> tuple[pb.InfoResponse, Timings, int]:
             return self.info, Timings(), 0
 
         return await self._handle("Info", context, call)
 
 
-def build_info(engine: Engine, precision: str, provider: str, limits: pb.Limits) -> pb.InfoResponse:
-    manifest = engine.manifest
+def build_info(manifest: Manifest, precision: str, provider: str, limits: pb.Limits) -> pb.InfoResponse:
+    """What Info answers: the model, the runtime in use and the limits a caller must keep to."""
     return pb.InfoResponse(
         model_name=manifest.model_name,
         weights_sha256=manifest.source.weights_sha256,

@@ -69,9 +69,9 @@ class ServerSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log threshold")
 
     @model_validator(mode="after")
-    def _window_holds_a_batch(self) -> ServerSettings:
-        if self.window_texts < self.max_batch_size:
-            raise ValueError(
-                f"window_texts ({self.window_texts}) must be at least max_batch_size ({self.max_batch_size})"
-            )
+    def _batcher_accepts_them(self) -> ServerSettings:
+        # The batcher's own checks, run here so that a bad combination is a one-line setting error.
+        from recserve.server.batcher import BatcherConfig
+
+        BatcherConfig.from_settings(self)
         return self

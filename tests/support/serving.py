@@ -1,4 +1,5 @@
-"""A real recserve server on a loopback port, run in a background thread with its own event loop."""
+"""A real recserve server on a loopback port, run in a background thread with its own event loop, serving
+an exported model repository or a fake model (tests/support/fake_model.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 from prometheus_client import CollectorRegistry
 
 from recserve.server.app import RunningServer, running_server
+from recserve.server.model import Model
 from recserve.server.settings import ServerSettings
+from recserve.v1 import inference_pb2 as pb
 from recserve.v1 import inference_pb2_grpc as pb_grpc
 
 MiB = 1024 * 1024
@@ -35,12 +39,19 @@ def settings_for(repo: Path, **overrides: Any) -> ServerSettings:
 
 
 class ServerThread:
-    """Starts `running_server` in a thread; `stop()` drains it like a SIGTERM would."""
+    """Starts `running_server` in a thread; `stop()` drains it like a SIGTERM would.
+
+    Without `model`, it loads the real one from `settings.model_repo`, as `recserve serve` does.
+    """
 
     def __init__(
-        self, settings: ServerSettings, before_ready: Callable[[RunningServer], Awaitable[None]] | None = None
+        self,
+        settings: ServerSettings,
+        model: Model | None = None,
+        before_ready: Callable[[RunningServer], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
+        self.model = model
         self.registry = CollectorRegistry()
         self._before_ready = before_ready
         self._ready = threading.Event()
@@ -57,8 +68,12 @@ class ServerThread:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         try:
+            if self.model is None:
+                from recserve.server.runtime import load_model
+
+                self.model = await self.loop.run_in_executor(None, load_model, self.settings)
             async with running_server(
-                self.settings, self.registry, before_ready=self._before_ready
+                self.settings, self.model, self.registry, before_ready=self._before_ready
             ) as server:
                 self.server = server
                 self._ready.set()
@@ -104,9 +119,43 @@ class ServerThread:
 
 
 @contextmanager
-def serving(repo: Path, **overrides: Any) -> Iterator[ServerThread]:
-    thread = ServerThread(settings_for(repo, **overrides)).start()
+def serving(repo: Path, model: Model | None = None, **overrides: Any) -> Iterator[ServerThread]:
+    """A started server of `repo` (or of `model`, a fake, with `repo` only naming it); stopped on exit."""
+    thread = ServerThread(settings_for(repo, **overrides), model).start()
     try:
         yield thread
     finally:
         thread.stop()
+
+
+# --- calls, shared by the tests on the fake model and on real ones ----------------------------------------
+def embed(stub: pb_grpc.InferenceStub, texts: list[str], **fields: Any) -> np.ndarray:
+    """Embed `texts` in PACKED_F32; the vectors as a [len(texts), dimension] array."""
+    reply = stub.Embed(pb.EmbedRequest(texts=texts, encoding=pb.VECTOR_ENCODING_PACKED_F32, **fields))
+    return np.frombuffer(reply.packed, dtype="<f4").reshape(len(texts), reply.dimension)
+
+
+def concurrent_single_text_calls(address: str, texts: list[str]) -> np.ndarray:
+    """One Embed call per text, all at once over one aio channel; the vectors in the order of `texts`."""
+
+    async def main() -> list[np.ndarray]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            aio_stub = pb_grpc.InferenceStub(channel)
+
+            async def one(text: str) -> np.ndarray:
+                reply = await aio_stub.Embed(
+                    pb.EmbedRequest(texts=[text], encoding=pb.VECTOR_ENCODING_PACKED_F32)
+                )
+                return np.frombuffer(reply.packed, dtype="<f4")
+
+            return await asyncio.gather(*(one(t) for t in texts))
+
+    return np.stack(asyncio.run(main()))
+
+
+def assert_each_is_its_own(got: np.ndarray, expected: np.ndarray, atol: float = 1e-5) -> None:
+    """Each answer is its own text's vector: nothing lost, nothing swapped, the nearest reference itself."""
+    assert got.shape == expected.shape
+    nearest = np.argmax(got @ expected.T, axis=1)
+    assert (nearest == np.arange(len(expected))).all()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=atol)

@@ -1,0 +1,174 @@
+"""One ONNX Runtime session and the one way a batch goes through it: pad -> run -> pool (recserve.tensors).
+
+The server's runtime, the export's parity gate and timing, and the tests all run graphs through `Runner`,
+and texts through `TextRunner`, so the gate tests the code that serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from recserve import tensors
+from recserve.manifest import Manifest, Pooling, Precision, Task
+from recserve.tensors import Encoded, Feeds, FloatArray, IntArray, Item
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The manifest fields that decide how a graph is fed and how its output becomes a result."""
+
+    task: Task
+    inputs: tuple[str, ...]
+    output_name: str
+    pooling: Pooling | None
+    normalize: bool
+    pad_token_id: int
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> GraphSpec:
+        return cls(
+            task=manifest.task,
+            inputs=tuple(manifest.inputs),
+            output_name=manifest.output_name,
+            pooling=manifest.pooling,
+            normalize=manifest.normalize,
+            pad_token_id=manifest.pad_token_id,
+        )
+
+
+def open_session(
+    model_file: Path | str,
+    provider: str = CPU,
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 1,
+    log_severity_level: int = 2,
+) -> ort.InferenceSession:
+    """An ORT session with the server's options; `intra_op_threads` 0 lets ORT pick (one per core)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # The exported graph is already fused offline; this level re-applies only what is cheap and safe.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    # ORT's pool threads spin after a run in case another follows. Left on, one burns a core for tens of
+    # milliseconds after every run, the core the loop and gRPC need to answer the call that just finished
+    # (and CPU quota in a pod); docs/decisions/0003 has the evidence.
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    # 3 silences the warning per inserted cast that an fp16 graph logs on the CPU provider.
+    options.log_severity_level = log_severity_level
+    providers: list[Any] = [(CUDA, {"device_id": 0}), CPU] if provider == CUDA else [provider]
+    return ort.InferenceSession(str(model_file), options, providers=providers)
+
+
+class Runner:
+    """Runs padded batches of Encoded through one session: pooled vectors (not normalised) or logits."""
+
+    def __init__(self, session: ort.InferenceSession, spec: GraphSpec) -> None:
+        self.session = session
+        self.spec = spec
+        self.provider: str = session.get_providers()[0]
+        self._io_binding = self.provider == CUDA
+
+    def feeds(self, batch: Sequence[Encoded]) -> tuple[Feeds, IntArray]:
+        return tensors.pad(batch, self.spec.pad_token_id, self.spec.inputs)
+
+    def run_feeds(self, feeds: Feeds) -> np.ndarray:
+        """The graph's raw output for `feeds`, blocking."""
+        output = self.spec.output_name
+        if not self._io_binding:
+            result: np.ndarray = self.session.run([output], feeds)[0]
+            return result
+        # CUDA: each input is copied to the device once, and the output is written straight into host
+        # memory, instead of ORT staging both through extra buffers.
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output(output, "cpu")
+        self.session.run_with_iobinding(binding)
+        copied: np.ndarray = binding.copy_outputs_to_cpu()[0]
+        return copied
+
+    def finish(self, output: np.ndarray, mask: IntArray) -> FloatArray:
+        """Raw output -> one row per item: the pooled vector (embedding) or the logits (cross-encoder)."""
+        if self.spec.task == "cross-encoder":
+            return np.ascontiguousarray(output, dtype=np.float32)
+        assert self.spec.pooling is not None
+        return tensors.pool(output, mask, self.spec.pooling)
+
+    def run(self, batch: Sequence[Encoded]) -> FloatArray:
+        feeds, mask = self.feeds(batch)
+        return self.finish(self.run_feeds(feeds), mask)
+
+
+def encode(tokenizer: Tokenizer, items: Sequence[Item]) -> list[Encoded]:
+    """Texts (or (query, candidate) pairs) through a repository's tokenizer.json, unpadded."""
+    return [tensors.encoded(e) for e in tokenizer.encode_batch(list(items))]
+
+
+class TextRunner:
+    """Texts in, results out, as a served call computes them: tokenise, pad, run, pool, normalise.
+
+    Outside the server (parity gate, timing, tests, benchmarks), one batch at a time on one session.
+    """
+
+    def __init__(self, runner: Runner, tokenizer: Tokenizer) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def open(
+        cls,
+        model_file: Path,
+        tokenizer_file: Path,
+        spec: GraphSpec,
+        provider: str = CPU,
+        intra_op_threads: int = 0,
+    ) -> TextRunner:
+        session = open_session(model_file, provider, intra_op_threads, log_severity_level=3)
+        return cls(Runner(session, spec), Tokenizer.from_file(str(tokenizer_file)))
+
+    @classmethod
+    def of_repository(
+        cls, repo: Path, precision: Precision = "fp32", intra_op_threads: int = 0
+    ) -> TextRunner:
+        manifest = Manifest.load(repo)
+        return cls.open(
+            repo / manifest.variants[precision].file,
+            repo / manifest.tokenizer_file,
+            GraphSpec.of(manifest),
+            intra_op_threads=intra_op_threads,
+        )
+
+    @property
+    def spec(self) -> GraphSpec:
+        return self.runner.spec
+
+    @property
+    def provider(self) -> str:
+        return self.runner.provider
+
+    def encode(self, items: Sequence[Item]) -> list[Encoded]:
+        return encode(self.tokenizer, items)
+
+    def __call__(self, items: Sequence[Item], batch_size: int | None = None) -> FloatArray:
+        """[len(items), dim] vectors (pooled, normalised if the model is) or logits, in batches."""
+        step = batch_size or max(1, len(items))
+        rows = [self.infer(self.encode(items[i : i + step])) for i in range(0, len(items), step)]
+        return np.concatenate(rows)
+
+    def infer(self, batch: Sequence[Encoded]) -> FloatArray:
+        """One already tokenised batch: run, pool and (for a normalising embedding model) normalise."""
+        rows = self.runner.run(batch)
+        if self.spec.task == "embedding" and self.spec.normalize:
+            return tensors.l2_normalize(rows)
+        return rows
