@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from recserve.benchmarks import command, report
+from recserve.benchmarks import command, report, summary
 from recserve.benchmarks.loadgen import StepPlan, gaps, run_step
+from recserve.benchmarks.recorder import CODE_NAMES, OK, Recorder, Windows
+from recserve.benchmarks.results import Series, StepResult, to_json
 from recserve.benchmarks.scrape import parse, server_view
 from recserve.benchmarks.stats import latency_summary, percentiles_ordered
 from recserve.benchmarks.workloads import (
@@ -33,8 +35,9 @@ from recserve.benchmarks.workloads import (
     parse_rpc_mix,
     read_texts,
 )
-from recserve.client import AsyncClient, Client
-from tests.test_client import SERVICE, SERVING, FakeInference, FakeServer, fake_server
+from recserve.client import AsyncClient, Client, Limits, ServerInfo
+from recserve.server.metrics import Metrics
+from tests.support.fake_server import SERVICE, SERVING, FakeInference, FakeServer, fake_server
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUICK = ["--warmup", "0.2", "--duration", "0.6", "--max-windows", "1", "--quiet"]
@@ -49,16 +52,39 @@ def bench(argv: list[str]) -> int:
     return command.run(args)
 
 
-def check_step(step: dict[str, Any], steady: bool = True) -> None:
+def check_step(step: StepResult, steady: bool = True) -> None:
     """The invariants every step must satisfy."""
+    m = step.measured
+    assert m.completed + m.failed == m.sent
+    assert step.consistency.ok, step.consistency
+    assert percentiles_ordered(m.latency_ms)
+    if steady:
+        check_steady(m.calls_per_s, m.window_s, m.completed, step.concurrency)
+
+
+def check_steady(calls_per_s: float, window_s: float, completed: int, callers: int | None) -> None:
+    # Throughput counts answers arriving inside the windows; completed counts calls sent inside them.
+    # Unless a queue grows (an overloaded open loop), they differ only by the calls at the two edges.
+    slack = (callers or 0) + 0.05 * completed + 2
+    assert abs(calls_per_s * window_s - completed) <= slack
+
+
+# results.json keeps one flat object per step, as before the results were typed.
+STEP_KEYS = {
+    *("window_s", "sent", "completed", "failed", "errors", "calls_per_s", "texts_per_s", "tokens_per_s"),
+    *("latency_ms", "label", "mode", "concurrency", "rate", "arrival", "windows", "windows_used"),
+    *("boundaries", "warmup", "stable", "bounded_by_calls", "stragglers_cancelled", "plan", "consistency"),
+}
+
+
+def check_json_step(step: dict[str, Any], extra: frozenset[str] = frozenset()) -> None:
+    """A step as results.json has it: the flat layout (schedule for the open loop only; `extra`, such as the
+    server's view, where there was one), and its invariants."""
+    assert set(step) == STEP_KEYS | extra | ({"schedule"} if step["mode"] == "open" else set())
     assert step["completed"] + step["failed"] == step["sent"]
     assert all(step["consistency"].values()), step["consistency"]
-    assert percentiles_ordered(step["latency_ms"])
-    if steady:
-        # Throughput counts answers arriving inside the windows; completed counts calls sent inside them.
-        # Unless a queue grows (an overloaded open loop), they differ only by the calls at the two edges.
-        slack = (step["concurrency"] or 0) + 0.05 * step["completed"] + 2
-        assert abs(step["calls_per_s"] * step["window_s"] - step["completed"]) <= slack
+    assert set(step["latency_ms"]) == {"p50", "p90", "p99", "p99_9", "max", "mean"}
+    check_steady(step["calls_per_s"], step["window_s"], step["completed"], step["concurrency"])
 
 
 # --- workloads -------------------------------------------------------------------------------------------
@@ -124,15 +150,36 @@ def test_texts_from_files(tmp_path: Path) -> None:
 
 def test_percentiles_are_exact_observed_values() -> None:
     lat = latency_summary(np.arange(1, 1001) / 1000.0)  # 1..1000 ms
-    assert (lat["p50"], lat["p90"], lat["p99"], lat["p99_9"], lat["max"]) == (
-        500.0,
-        900.0,
-        990.0,
-        999.0,
-        1000.0,
-    )
+    assert lat.tail() == (500.0, 900.0, 990.0, 999.0, 1000.0)
+    assert lat.mean == 500.5
     assert percentiles_ordered(lat)
-    assert latency_summary(np.array([]))["p99"] is None
+    assert latency_summary(np.array([])).p99 is None
+    assert not percentiles_ordered(replace(lat, p90=991.0))
+
+
+def test_summaries_count_what_the_recorder_holds() -> None:
+    """Windows of 1 s from t=10: a pending call is sent but neither completed nor failed, a failure counts
+    in the window it was sent in, and throughput counts the answers that arrived inside the window."""
+    windows = Windows(start=10.0, length=1.0)
+    rec = Recorder(windows)
+    warm = rec.admit(9.5, 9.5, index=0)
+    rec.finish(warm, 9.6, 14)  # UNAVAILABLE during warm-up
+    for t, end, code in ((10.1, 10.2, OK), (10.3, 11.2, OK), (10.5, 10.6, 4), (11.1, 11.3, OK)):
+        rec.finish(rec.admit(t, t, index=1), end, code)
+    rec.admit(10.9, 10.9, index=0)  # still in flight
+    texts, tokens = np.array([1, 3]), np.array([10, 30])
+    first = summary.figures(rec.table(), windows, 0, 0, texts, tokens)
+    assert (first.sent, first.completed, first.failed) == (4, 2, 1)
+    assert first.errors == {CODE_NAMES[4]: 1}
+    assert first.calls_per_s == 1.0 and first.texts_per_s == 3.0 and first.tokens_per_s == 30.0
+    assert first.latency_ms.p50 == 100.0 and first.latency_ms.max == 900.0
+    assert not summary.consistency(first).completed_plus_failed_is_sent  # the pending call
+    both = summary.figures(rec.table(), windows, 0, 1, texts, tokens)
+    assert (both.sent, both.completed, both.failed, both.calls_per_s) == (5, 3, 1, 1.5)
+    warmup = summary.warmup(rec.table())
+    assert (warmup.sent, warmup.failed, warmup.errors) == (1, 1, {"UNAVAILABLE": 1})
+    sched = summary.schedule(rec.table(), 0, 0, rate=4.0, late_after_s=0.005, cap_hits=0, seconds=1.0)
+    assert sched.sent_rate == 4.0 and sched.late_calls == 0 and not sched.client_fell_behind
 
 
 METRICS_BEFORE = """
@@ -176,13 +223,38 @@ recserve_backlog_seconds 0.25
 
 def test_server_view_differences_two_scrapes() -> None:
     view = server_view(parse(METRICS_BEFORE, at=0.0), parse(METRICS_AFTER, at=4.0))
-    assert view["batches"] == 25
-    assert view["mean_batch_size"] == 4.0  # (108 - 8) / 25
-    assert view["padding_ratio"] == 1.15  # (2700 - 400) / (2300 - 300)
-    assert view["mean_request_ms"] == 20.0 and view["queue_share"] == 0.25 and view["inference_share"] == 0.5
-    assert view["backlog_seconds"] == 0.25
-    assert view["requests"] == {"Embed:OK": 100, "Embed:RESOURCE_EXHAUSTED": 3}
-    assert view["batch_size_histogram"] == {"1.0": 0, "2.0": 2, "4.0": 23, "+Inf": 0}
+    assert view.batches == 25
+    assert view.mean_batch_size == 4.0  # (108 - 8) / 25
+    assert view.padding_ratio == 1.15  # (2700 - 400) / (2300 - 300)
+    assert view.mean_request_ms == 20.0 and view.queue_share == 0.25 and view.inference_share == 0.5
+    assert view.backlog_seconds == 0.25
+    assert view.requests == {"Embed:OK": 100, "Embed:RESOURCE_EXHAUSTED": 3}
+    assert view.batch_size_histogram == {"1.0": 0, "2.0": 2, "4.0": 23, "+Inf": 0}
+
+
+def test_server_view_reads_the_names_the_server_writes() -> None:
+    """The scrape of a real `Metrics` registry: failed calls (one per call) and dropped texts apart."""
+    from prometheus_client import generate_latest
+
+    metrics = Metrics()
+    metrics.requests.labels("Embed", "OK").inc(2)
+    before = parse(generate_latest(metrics.registry).decode(), at=0.0)
+    metrics.requests.labels("Embed", "OK").inc(5)
+    metrics.requests.labels("Embed", "DEADLINE_EXCEEDED").inc(2)
+    metrics.failures.labels("deadline").inc(2)
+    metrics.dropped("deadline", 7)
+    metrics.dropped("cancelled", 1)
+    metrics.batch_started(size=4, real_tokens=40, padded_tokens=48)
+    metrics.batch_started(size=2, real_tokens=20, padded_tokens=24)
+    metrics.queue_wait(0.01)
+    metrics.queue_texts.set(3)
+    view = server_view(before, parse(generate_latest(metrics.registry).decode(), at=2.0))
+    assert view.requests == {"Embed:OK": 5, "Embed:DEADLINE_EXCEEDED": 2}
+    assert view.failures == {"deadline": 2}
+    assert view.dropped_texts == {"deadline": 7, "cancelled": 1}
+    assert (view.batches, view.mean_batch_size, view.padding_ratio) == (2, 3.0, 1.2)
+    assert view.batch_size_histogram["2.0"] == 1 and view.batch_size_histogram["4.0"] == 1
+    assert view.mean_queue_wait_ms == 10.0 and view.queue_texts == 3
 
 
 # --- the loops, against a fake server ---------------------------------------------------------------------
@@ -207,10 +279,12 @@ async def test_closed_loop_numbers_are_consistent(fast: FakeServer) -> None:
     async with AsyncClient(fast.address) as client:
         step = await run_step(plan, client.stub, build_workload(WorkloadSpec()))
     check_step(step)
-    assert step["failed"] == 0 and step["sent"] > 50
-    assert step["stable"] is True and step["windows_used"] == 2  # a loose tolerance: stable at once
-    assert step["texts_per_s"] == step["calls_per_s"]  # one text per call
-    assert step["tokens_per_s"] > 10 * step["texts_per_s"]
+    m = step.measured
+    assert m.failed == 0 and m.sent > 50
+    assert step.stable is True and step.windows_used == 2  # a loose tolerance: stable at once
+    assert m.texts_per_s == m.calls_per_s  # one text per call
+    assert m.tokens_per_s > 10 * m.texts_per_s
+    assert step.schedule is None and step.warmup.sent > 0 and step.boundaries == (0, 2)
 
 
 async def test_open_loop_keeps_its_schedule(fast: FakeServer) -> None:
@@ -218,11 +292,12 @@ async def test_open_loop_keeps_its_schedule(fast: FakeServer) -> None:
     async with AsyncClient(fast.address) as client:
         step = await run_step(plan, client.stub, build_workload(WorkloadSpec()))
     check_step(step)
-    sched = step["schedule"]
-    assert abs(step["sent"] - 100) <= 1  # exactly the schedule, not what the server could take
-    assert abs(sched["sent_rate"] - 100) <= 1
-    assert sched["lag_p50_ms"] < 5 and not sched["in_flight_cap_hits"]
-    assert step["latency_ms"]["p50"] < 50
+    sched = step.schedule
+    assert sched is not None
+    assert abs(step.measured.sent - 100) <= 1  # exactly the schedule, not what the server could take
+    assert abs(sched.sent_rate - 100) <= 1
+    assert sched.lag_p50_ms is not None and sched.lag_p50_ms < 5 and not sched.in_flight_cap_hits
+    assert step.measured.latency_ms.p50 is not None and step.measured.latency_ms.p50 < 50
 
 
 async def test_open_loop_latency_includes_the_queue_of_a_slow_server() -> None:
@@ -244,15 +319,17 @@ async def test_open_loop_latency_includes_the_queue_of_a_slow_server() -> None:
             ]
     check_step(light)
     check_step(heavy, steady=False)
-    assert light["failed"] == heavy["failed"] == 0
-    assert light["latency_ms"]["p50"] < 60
+    lo, hi = light.measured, heavy.measured
+    assert lo.failed == hi.failed == 0
+    assert lo.latency_ms.p50 is not None and hi.latency_ms.p50 is not None and hi.latency_ms.p99 is not None
+    assert lo.latency_ms.p50 < 60
     # ~100 calls queued behind 50/s: the last waits ~1 s. A loop timing from the actual send after the
     # previous answer (coordinated omission) would still report ~20 ms here.
-    assert heavy["latency_ms"]["p99"] > 500
-    assert heavy["latency_ms"]["p50"] > 5 * light["latency_ms"]["p50"]
-    assert heavy["sent"] >= 99  # the schedule was kept although the server fell behind
-    assert heavy["calls_per_s"] < 70  # delivered: what the server could do, not what was offered
-    assert not light["schedule"]["client_fell_behind"]
+    assert hi.latency_ms.p99 > 500
+    assert hi.latency_ms.p50 > 5 * lo.latency_ms.p50
+    assert hi.sent >= 99  # the schedule was kept although the server fell behind
+    assert hi.calls_per_s < 70  # delivered: what the server could do, not what was offered
+    assert light.schedule is not None and not light.schedule.client_fell_behind
 
 
 async def test_open_loop_says_when_the_client_itself_fell_behind() -> None:
@@ -265,9 +342,11 @@ async def test_open_loop_says_when_the_client_itself_fell_behind() -> None:
             )
             step = await run_step(replace(plan, max_windows=1), client.stub, build_workload(WorkloadSpec()))
     check_step(step, steady=False)
-    sched = step["schedule"]
-    assert sched["client_fell_behind"] and sched["in_flight_cap_hits"] > 0 and sched["late_fraction"] > 0.5
-    assert step["latency_ms"]["p99"] > 100  # the wait for room is charged to the calls
+    sched = step.schedule
+    assert sched is not None
+    assert sched.client_fell_behind and sched.in_flight_cap_hits > 0 and sched.late_fraction > 0.5
+    p99 = step.measured.latency_ms.p99
+    assert p99 is not None and p99 > 100  # the wait for room is charged to the calls
 
 
 # --- checks before any load --------------------------------------------------------------------------------
@@ -414,7 +493,8 @@ def test_run_against_a_fake_writes_reports_that_parse(
         doc["settings"]["concurrency"] == [1, 4] and doc["series"][0]["server"]["weights_sha256"] == "f" * 64
     )
     for step in doc["series"][0]["steps"]:
-        check_step(step)
+        check_json_step(step)
+    assert "lone" not in doc and "paired" not in doc  # the suite's parts only
     assert (tmp_path / "out" / "knee.png").read_bytes().startswith(PNG_MAGIC)
     assert (tmp_path / "out" / "throughput.png").read_bytes().startswith(PNG_MAGIC)
     md = (tmp_path / "BENCH.md").read_text()
@@ -425,23 +505,29 @@ def test_run_against_a_fake_writes_reports_that_parse(
     assert "closed c=4" in out and "p99 ms" in out  # the terminal table
 
 
-def test_batch_size_plot_from_the_server_view(tmp_path: Path) -> None:
+async def test_reports_are_written_from_the_typed_results(tmp_path: Path, fast: FakeServer) -> None:
+    """A step from the load generator with a server view from two scrapes: JSON, Markdown and plots."""
+    plan = StepPlan(mode="closed", concurrency=8, warmup_s=0.0, window_s=0.3, max_windows=1)
+    async with AsyncClient(fast.address) as client:
+        step = await run_step(plan, client.stub, build_workload(WorkloadSpec()))
     view = server_view(parse(METRICS_BEFORE, at=0.0), parse(METRICS_AFTER, at=4.0))
-    lat = latency_summary(np.array([0.01, 0.02]))
-    step = {
-        "label": "closed c=8",
-        "mode": "closed",
-        "concurrency": 8,
-        "texts_per_s": 10.0,
-        "calls_per_s": 10.0,
-    }
-    step |= {"sent": 2, "completed": 2, "failed": 0, "latency_ms": lat, "server": view}
+    step = replace(step, server=view, ratio_to_raw=0.5)
+    big = 1 << 20
+    limits = Limits(big, big, big, big, max_batch_size=32, max_queue_texts=big)
+    info = ServerInfo("fake", "f" * 64, "embedding", 8, 128, "fp32", "none", "mean", True, limits, "fake")
     doc = report.new_document("run", "recserve bench run", {})
-    doc["series"].append({"name": "target", "target": "x:1", "server": {}, "steps": [step]})
+    doc = replace(doc, series=(Series(name="target", target="x:1", server=info, steps=(step,)),))
     paths = report.write_all(doc, tmp_path, None)
     assert set(paths) == {"json", "markdown", "knee", "throughput", "batch_sizes"}
     assert paths["batch_sizes"].read_bytes().startswith(PNG_MAGIC)
-    assert "| 4.0 | 1.15 | 25% | 50% |" in paths["markdown"].read_text()
+    md = paths["markdown"].read_text()
+    assert "| 0.50 |" in md and "| 4.0 | 1.15 | 25% | 50% |" in md and "max batch 32" in md
+    written = json.loads(paths["json"].read_text())
+    assert written == to_json(doc)
+    (saved,) = written["series"][0]["steps"]
+    check_json_step(saved, frozenset({"server", "ratio_to_raw"}))
+    assert saved["ratio_to_raw"] == 0.5 and saved["server"]["dropped_texts"] == {}
+    assert saved["texts_per_s"] == step.measured.texts_per_s and saved["boundaries"] == [0, 1]
 
 
 # --- end to end, the real server -------------------------------------------------------------------------
@@ -457,7 +543,7 @@ def test_run_against_the_real_server_closed_and_open(tiny_repo: Path, tmp_path: 
     closed = json.loads((tmp_path / "closed" / "results.json").read_text())["series"][0]["steps"]
     opened = json.loads((tmp_path / "open" / "results.json").read_text())["series"][0]["steps"]
     for step in closed + opened:
-        check_step(step)
+        check_json_step(step, frozenset({"server"}))
         assert step["failed"] == 0 and step["completed"] > 0
         server_side = step["server"]
         assert server_side["batches"] > 0 and server_side["mean_batch_size"] >= 1

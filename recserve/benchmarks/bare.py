@@ -65,25 +65,25 @@ class BareInference(pb_grpc.InferenceServicer):
 
 async def serve_bare(repo: Path, host: str, port: int, threads: int) -> None:
     """Serves until SIGTERM or SIGINT; health says SERVING once the model is warm."""
-    with RawModel(repo, threads=threads) as model:
-        if model.manifest.task != "embedding":
-            raise SystemExit(f"the bare baseline serves Embed only; {repo} holds a {model.manifest.task}")
-        server = grpc.aio.server()
-        pb_grpc.add_InferenceServicer_to_server(BareInference(model), server)  # type: ignore[no-untyped-call]
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        server.add_insecure_port(f"{host}:{port}")
-        await server.start()
-        for _ in range(_WARM_UP_CALLS):
-            model.run(["a text to warm the model up"])
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await server.stop(1.0)
+    model = RawModel(repo, threads=threads)
+    if model.manifest.task != "embedding":
+        raise SystemExit(f"the bare baseline serves Embed only; {repo} holds a {model.manifest.task}")
+    server = grpc.aio.server()
+    pb_grpc.add_InferenceServicer_to_server(BareInference(model), server)  # type: ignore[no-untyped-call]
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    for _ in range(_WARM_UP_CALLS):
+        model.run(["a text to warm the model up"])
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -11,11 +11,11 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from recserve.benchmarks import stats
+from recserve.benchmarks.results import RawLimit, SingleLatency
 from recserve.manifest import Manifest
 from recserve.tensors import Encoded, FloatArray, l2_normalize
 
@@ -54,15 +54,6 @@ class RawModel:
         """What a served call costs the model: tokenise, run, normalise."""
         return self.infer(self.encode(texts))
 
-    def close(self) -> None:
-        """Nothing to release: the sessions go with the object. Kept so that callers can scope it."""
-
-    def __enter__(self) -> RawModel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def raw_limit(
     model: RawModel,
@@ -71,7 +62,7 @@ def raw_limit(
     batch_size: int = 32,
     repeats: int = 3,
     singles: int = 200,
-) -> dict[str, Any]:
+) -> RawLimit:
     """Texts/s over `texts` in sorted batches (median of `repeats` passes) and the single-text latency.
 
     The single-text figure: tokenise one text, run a batch of one, pool, normalise, over the first `singles`
@@ -106,18 +97,18 @@ def raw_limit(
     median_s = statistics.median(seconds)
     backend = model.backend
     variant = model.manifest.variants[backend.precision]
-    return {
-        "texts": len(texts),
-        "batch_size": batch_size,
-        "threads": model.threads,
-        "precision": backend.precision,
-        "provider": backend.provider,
-        "model_file": variant.file,
-        "model_sha256": variant.sha256,
-        "repeats": len(passes),
-        "pass_seconds": [round(s, 4) for s in seconds],
-        "texts_per_s": stats.rate(len(texts), median_s),
-        "tokens_per_s": stats.rate(real, median_s),
-        "padding_ratio": round(padded / real, 4) if real else None,
-        "single": {"calls": len(single_lat), "latency_ms": stats.latency_summary(np.array(single_lat))},
-    }
+    return RawLimit(
+        texts=len(texts),
+        batch_size=batch_size,
+        threads=model.threads,
+        precision=backend.precision,
+        provider=backend.provider,
+        model_file=variant.file,
+        model_sha256=variant.sha256,
+        repeats=len(passes),
+        pass_seconds=tuple(round(s, 4) for s in seconds),
+        texts_per_s=stats.rate(len(texts), median_s),
+        tokens_per_s=stats.rate(real, median_s),
+        padding_ratio=round(padded / real, 4) if real else None,
+        single=SingleLatency(calls=len(single_lat), latency_ms=stats.latency_summary(np.array(single_lat))),
+    )

@@ -10,10 +10,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from recserve.benchmarks.suite import SuiteConfig
 
 EXAMPLES = """examples:
   recserve bench run --target 127.0.0.1:50051 --mode closed --concurrency 1,4,16,64 --duration 10
@@ -170,53 +166,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from recserve.benchmarks import runner
+    from recserve.benchmarks import flags
+    from recserve.benchmarks.config import EXIT_TARGET, EXIT_USAGE, ConfigError
+    from recserve.benchmarks.servers import ServerStartError
+    from recserve.benchmarks.targets import TargetError
 
     try:
         if args.bench_command == "run":
-            config = runner.config_from_args(args, args._bench_argv)
-            return asyncio.run(runner.execute(config))
-        from recserve.benchmarks import suite
+            from recserve.benchmarks.execute import execute
 
-        cfg = _suite_config(args)
-        return asyncio.run(suite.run_suite(cfg))
-    except runner.ConfigError as exc:
+            return asyncio.run(execute(flags.run_config(args, args._bench_argv)))
+        from recserve.benchmarks.suite import run_suite
+
+        return asyncio.run(run_suite(flags.suite_config(args, args._bench_argv)))
+    except ConfigError as exc:
         print(f"recserve bench: {exc}", file=sys.stderr)
-        return runner.EXIT_USAGE
+        return EXIT_USAGE
+    except (TargetError, ServerStartError) as exc:
+        print(f"recserve bench: {exc}", file=sys.stderr)
+        return EXIT_TARGET
     except KeyboardInterrupt:
         print("recserve bench: interrupted", file=sys.stderr)
         return 130
-
-
-def _suite_config(args: argparse.Namespace) -> SuiteConfig:
-    from recserve.benchmarks import runner
-    from recserve.benchmarks.suite import SuiteConfig
-    from recserve.benchmarks.workloads import WorkloadError, WorkloadSpec, parse_length_spec
-
-    load = runner.load_settings_from_args(args)
-    try:
-        parse_length_spec(args.workload)
-    except WorkloadError as exc:
-        raise runner.ConfigError(str(exc)) from None
-    runner.check_repo(args.model_repo)
-    fractions = runner.float_list("--open-fractions", args.open_fractions)
-    if min(args.threads, args.raw_repeats, args.rounds, args.singles) < 1:
-        raise runner.ConfigError("--threads, --raw-repeats, --rounds and --singles must be >= 1")
-    runner.positive("--p99-target-ms", args.p99_target_ms)
-    return SuiteConfig(
-        model_repo=args.model_repo,
-        out=args.out,
-        markdown=args.markdown,
-        threads=args.threads,
-        load=load,
-        workload=WorkloadSpec(lengths=args.workload, seed=args.seed, encoding=args.encoding),
-        concurrency=runner.int_list("--concurrency", args.concurrency),
-        open_fractions=fractions,
-        compare=runner.int_list("--compare", args.compare),
-        raw_repeats=args.raw_repeats,
-        rounds=args.rounds,
-        singles=args.singles,
-        p99_target_ms=args.p99_target_ms,
-        progress=not args.quiet,
-        command=runner.command_line(args._bench_argv),
-    )

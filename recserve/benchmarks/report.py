@@ -1,4 +1,5 @@
-"""Reports of a run: a terminal table, the JSON document (every number), a Markdown summary, PNG plots."""
+"""Reports of a run, all written from its Document: a terminal table, the JSON (every number), a Markdown
+summary, PNG plots."""
 
 from __future__ import annotations
 
@@ -9,8 +10,19 @@ import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
+
+from recserve.benchmarks.results import (
+    Document,
+    Json,
+    Machine,
+    Series,
+    StepResult,
+    SummaryItem,
+    to_json,
+)
 
 SCHEMA = "recserve-bench/1"
 PACKAGES = (
@@ -23,8 +35,9 @@ PACKAGES = (
     "tokenizers",
     "matplotlib",
 )
-LATENCY_KEYS = ("p50", "p90", "p99", "p99_9", "max")
 LATENCY_TITLES = ("p50", "p90", "p99", "p99.9", "max")
+Mode = Literal["closed", "open"]
+_MARKERS: tuple[tuple[Mode, str], ...] = (("closed", "o"), ("open", "s"))
 
 
 # --- context: machine and versions --------------------------------------------------------------------
@@ -50,29 +63,29 @@ def _memory_gib() -> float | None:
     return None
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info() -> Machine:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu_model": _cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "memory_gib": _memory_gib(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "load_average_start": load_average(),
-    }
+    return Machine(
+        cpu_model=_cpu_model(),
+        cores=os.cpu_count(),
+        usable_cores=usable,
+        memory_gib=_memory_gib(),
+        platform=platform.platform(),
+        python=platform.python_version(),
+        load_average_start=load_average(),
+    )
 
 
-def load_average() -> list[float] | None:
+def load_average() -> tuple[float, ...] | None:
     try:
-        return [round(x, 2) for x in os.getloadavg()]
+        return tuple(round(x, 2) for x in os.getloadavg())
     except OSError:  # not available on this platform
         return None
 
 
-def busy_note(machine: dict[str, Any]) -> str | None:
+def busy_note(machine: Machine) -> str | None:
     """A warning when other work shared the CPUs as the run started: the figures are then too low."""
-    load, cores = machine.get("load_average_start"), machine.get("usable_cores") or 1
+    load, cores = machine.load_average_start, machine.usable_cores or 1
     if load and load[0] > 0.5 * cores:
         return (
             f"the machine was busy when the run started (1-minute load {load[0]} on {cores} cores): other "
@@ -92,27 +105,32 @@ def versions() -> dict[str, str]:
     return out
 
 
-def new_document(kind: str, command: str, settings: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "schema": SCHEMA,
-        "kind": kind,
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": command,
-        "settings": settings,
-        "machine": machine_info(),
-        "versions": versions(),
-        "workload": None,
-        "raw": None,
-        "series": [],
-        "summary": {},
-        "notes": [],
-    }
+def new_document(kind: Literal["run", "suite"], command: str, settings: dict[str, Json]) -> Document:
+    """A document stamped with the time, machine and versions at the start; the results come later."""
+    return Document(
+        schema=SCHEMA,
+        kind=kind,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        command=command,
+        settings=settings,
+        machine=machine_info(),
+        versions=versions(),
+    )
+
+
+def finish(doc: Document) -> Document:
+    """The document as it ends: the load average at the end, and a note if the machine was busy."""
+    notes = doc.notes
+    note = busy_note(doc.machine)
+    if note and note not in notes:
+        notes = (*notes, note)
+    return replace(doc, machine=replace(doc.machine, load_average_end=load_average()), notes=notes)
 
 
 # --- terminal -----------------------------------------------------------------------------------------
 
 
-def _fmt(value: Any, digits: int = 1) -> str:
+def _fmt(value: float | str | None, digits: int = 1) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -124,24 +142,22 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.0f}%"
 
 
-def step_row(step: dict[str, Any]) -> list[str]:
-    server = step.get("server") or {}
-    lat = step["latency_ms"]
-    late = step.get("schedule", {}).get("late_fraction")
+def step_row(step: StepResult) -> list[str]:
+    m, server = step.measured, step.server
     return [
-        step["label"],
-        str(step["sent"]),
-        str(step["completed"]),
-        str(step["failed"]),
-        _fmt(step["calls_per_s"]),
-        _fmt(step["texts_per_s"]),
-        _fmt(step.get("ratio_to_raw"), 2),
-        *(_fmt(lat[k], 2) for k in LATENCY_KEYS),
-        _fmt(server.get("mean_batch_size"), 1),
-        _fmt(server.get("padding_ratio"), 2),
-        _pct(server.get("queue_share")),
-        _pct(server.get("inference_share")),
-        _pct(late),
+        step.label,
+        str(m.sent),
+        str(m.completed),
+        str(m.failed),
+        _fmt(m.calls_per_s),
+        _fmt(m.texts_per_s),
+        _fmt(step.ratio_to_raw, 2),
+        *(_fmt(v, 2) for v in m.latency_ms.tail()),
+        _fmt(server.mean_batch_size if server else None, 1),
+        _fmt(server.padding_ratio if server else None, 2),
+        _pct(server.queue_share if server else None),
+        _pct(server.inference_share if server else None),
+        _pct(step.schedule.late_fraction if step.schedule else None),
     ]
 
 
@@ -179,32 +195,30 @@ def format_table(rows: Sequence[Sequence[str]], header: Sequence[str] = TABLE_HE
     return "\n".join(lines)
 
 
-def print_tables(doc: dict[str, Any], out: TextIO | None = None) -> None:
+def print_tables(doc: Document, out: TextIO | None = None) -> None:
     out = out or sys.stdout
-    for series in doc["series"]:
-        print(f"\n{series['name']} ({series['target']})", file=out)
-        print(format_table([step_row(s) for s in series["steps"]]), file=out)
-    if doc["raw"]:
-        raw = doc["raw"]
-        single = raw["single"]["latency_ms"]["p50"]
+    for series in doc.series:
+        print(f"\n{series.name} ({series.target})", file=out)
+        print(format_table([step_row(s) for s in series.steps]), file=out)
+    if doc.raw:
+        raw = doc.raw
         print(
-            f"\nraw limit: {raw['texts_per_s']:.1f} texts/s in sorted batches of {raw['batch_size']} "
-            f"({raw['threads']} threads); single text p50 {_fmt(single, 2)} ms",
+            f"\nraw limit: {raw.texts_per_s:.1f} texts/s in sorted batches of {raw.batch_size} "
+            f"({raw.threads} threads); single text p50 {_fmt(raw.single.latency_ms.p50, 2)} ms",
             file=out,
         )
-    for key, item in doc["summary"].items():
-        if isinstance(item, dict) and "value" in item:
-            print(f"{key}: {_summary_value(item)}", file=out)
-    for note in doc["notes"]:
+    for key, item in doc.summary.items():
+        print(f"{key}: {_summary_value(item)}", file=out)
+    for note in doc.notes:
         print(f"note: {note}", file=out)
 
 
 # --- JSON ---------------------------------------------------------------------------------------------
 
 
-def write_json(doc: dict[str, Any], path: Path) -> Path:
+def write_json(doc: Document, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(to_json(doc), indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -220,15 +234,12 @@ def _pyplot() -> Any:
     return plt
 
 
-def _offered_load(step: dict[str, Any]) -> float:
-    return float(step["concurrency"] if step["mode"] == "closed" else step["rate"])
+def _steps(series: Series, mode: Mode) -> list[StepResult]:
+    """The steps of one loop, in order of offered load (callers or rate)."""
+    return sorted((s for s in series.steps if s.mode == mode), key=lambda s: s.offered)
 
 
-def _closed_steps(series: dict[str, Any]) -> list[dict[str, Any]]:
-    return [s for s in series["steps"] if s["mode"] == "closed"]
-
-
-def plot_knee(doc: dict[str, Any], path: Path, p99_target_ms: float | None = None) -> Path | None:
+def plot_knee(doc: Document, path: Path, p99_target_ms: float | None = None) -> Path | None:
     """Latency percentiles against delivered throughput, one curve per series and mode: the knee.
 
     Points are joined in order of offered load (callers or rate), so a server whose throughput falls back
@@ -237,20 +248,21 @@ def plot_knee(doc: dict[str, Any], path: Path, p99_target_ms: float | None = Non
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     drawn = False
-    for series in doc["series"]:
-        for mode, marker in (("closed", "o"), ("open", "s")):
-            steps = sorted((s for s in series["steps"] if s["mode"] == mode), key=_offered_load)
-            steps = [s for s in steps if s["latency_ms"]["p50"] is not None]
+    for series in doc.series:
+        for mode, marker in _MARKERS:
+            steps = [s for s in _steps(series, mode) if s.measured.latency_ms.p50 is not None]
             if not steps:
                 continue
-            xs = [s["texts_per_s"] for s in steps]
-            for key, style in (("p50", "-"), ("p99", "--")):
+            xs = [s.measured.texts_per_s for s in steps]
+            p50 = [s.measured.latency_ms.p50 for s in steps]
+            p99 = [s.measured.latency_ms.p99 for s in steps]
+            for key, style, ys in (("p50", "-", p50), ("p99", "--", p99)):
                 ax.plot(
                     xs,
-                    [s["latency_ms"][key] for s in steps],
+                    ys,
                     style,
                     marker=marker,
-                    label=f"{series['name']}, {mode} loop, {key}",
+                    label=f"{series.name}, {mode} loop, {key}",
                 )
                 drawn = True
     if not drawn:
@@ -267,28 +279,26 @@ def plot_knee(doc: dict[str, Any], path: Path, p99_target_ms: float | None = Non
     return _save(fig, plt, path)
 
 
-def plot_throughput(doc: dict[str, Any], path: Path) -> Path | None:
+def plot_throughput(doc: Document, path: Path) -> Path | None:
     """Closed-loop throughput against the number of callers, with the raw limit for scale."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     drawn = False
-    for series in doc["series"]:
-        steps = sorted(_closed_steps(series), key=lambda s: s["concurrency"])
+    for series in doc.series:
+        steps = _steps(series, "closed")
         if steps:
             ax.plot(
-                [s["concurrency"] for s in steps],
-                [s["texts_per_s"] for s in steps],
+                [s.concurrency for s in steps],
+                [s.measured.texts_per_s for s in steps],
                 marker="o",
-                label=series["name"],
+                label=series.name,
             )
             drawn = True
     if not drawn:
         plt.close(fig)
         return None
-    if doc["raw"]:
-        ax.axhline(
-            doc["raw"]["texts_per_s"], color="grey", linestyle="--", label="raw limit (in-process ORT)"
-        )
+    if doc.raw:
+        ax.axhline(doc.raw.texts_per_s, color="grey", linestyle="--", label="raw limit (in-process ORT)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent callers")
     ax.set_ylabel("texts/s")
@@ -298,33 +308,33 @@ def plot_throughput(doc: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, plt, path)
 
 
-def plot_batch_sizes(doc: dict[str, Any], path: Path, max_steps: int = 4) -> Path | None:
+def plot_batch_sizes(doc: Document, path: Path, max_steps: int = 4) -> Path | None:
     """Share of batches per batch-size bucket, for a few steps (from the server's histogram)."""
-    picked: list[tuple[str, dict[str, Any]]] = []
-    for series in doc["series"]:
-        with_hist = [s for s in series["steps"] if (s.get("server") or {}).get("batches")]
+    picked: list[tuple[str, StepResult, dict[str, int]]] = []
+    for series in doc.series:
+        with_hist = [s for s in series.steps if s.server and s.server.batches]
         # The lightest and the heaviest closed-loop step show what batching does; open loop if none.
-        closed = sorted((s for s in with_hist if s["mode"] == "closed"), key=_offered_load) or with_hist
+        closed = sorted((s for s in with_hist if s.mode == "closed"), key=lambda s: s.offered) or with_hist
         if closed:
-            picked.extend((series["name"], s) for s in {id(s): s for s in (closed[0], closed[-1])}.values())
+            ends = closed[:1] + closed[-1:] if len(closed) > 1 else closed
+            picked.extend((series.name, s, s.server.batch_size_histogram) for s in ends if s.server)
     picked = picked[:max_steps]
     if not picked:
         return None
     plt = _pyplot()
-    buckets = sorted({le for _, s in picked for le in s["server"]["batch_size_histogram"]}, key=float)
-    used = [b for b in buckets if any(s["server"]["batch_size_histogram"].get(b) for _, s in picked)]
+    buckets = sorted({le for _, _, hist in picked for le in hist}, key=float)
+    used = [b for b in buckets if any(hist.get(b) for _, _, hist in picked)]
     if used:  # no empty buckets beyond the largest batch seen
         buckets = buckets[: buckets.index(used[-1]) + 1]
     fig, ax = plt.subplots(figsize=(8, 5))
     width = 0.8 / len(picked)
-    for j, (name, step) in enumerate(picked):
-        hist = step["server"]["batch_size_histogram"]
+    for j, (name, step, hist) in enumerate(picked):
         total = sum(hist.values()) or 1
         ax.bar(
             [i + j * width for i in range(len(buckets))],
             [hist.get(b, 0) / total for b in buckets],
             width=width,
-            label=f"{name}: {step['label']}",
+            label=f"{name}: {step.label}",
         )
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(buckets))])
     ax.set_xticklabels(["<=" + (b if b == "+Inf" else f"{float(b):g}") for b in buckets], rotation=45)
@@ -343,7 +353,7 @@ def _save(fig: Any, plt: Any, path: Path) -> Path:
     return path
 
 
-def write_plots(doc: dict[str, Any], out_dir: Path, p99_target_ms: float | None = None) -> dict[str, str]:
+def write_plots(doc: Document, out_dir: Path, p99_target_ms: float | None = None) -> dict[str, str]:
     """Writes every plot the data allows; returns name -> file name (relative to out_dir)."""
     makers: dict[str, Callable[[Path], Path | None]] = {
         "knee": lambda p: plot_knee(doc, p, p99_target_ms),
@@ -366,88 +376,80 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def _summary_value(item: dict[str, Any]) -> str:
-    text = f"{_fmt(item['value'], item.get('digits', 2))}{item.get('unit', '')}"
-    if item.get("target") is not None:
-        verdict = "meets" if item.get("met") else "misses"
-        text += f" ({verdict} the target {item['target']})"
+def _summary_value(item: SummaryItem) -> str:
+    text = f"{_fmt(item.value, item.digits)}{item.unit}"
+    if item.target is not None:
+        verdict = "meets" if item.met else "misses"
+        text += f" ({verdict} the target {item.target})"
     return text
 
 
-def markdown(doc: dict[str, Any], plots: dict[str, str], plot_prefix: str) -> str:
+def _series_lines(series: Series) -> list[str]:
+    info = series.server
+    lines = [
+        f"## {series.name.capitalize()}",
+        "",
+        f"Target `{series.target}`: {info.model_name} ({info.task}, {info.precision}, {info.provider}), "
+        f"max batch {info.limits.max_batch_size}.",
+        "",
+    ]
+    for mode in ("closed", "open"):
+        steps = [s for s in series.steps if s.mode == mode]
+        if not steps:
+            continue
+        lines += [f"### {mode.capitalize()} loop", ""]
+        lines += md_table(TABLE_HEADER, [step_row(s) for s in steps])
+        lines.append("")
+        behind = [s.label for s in steps if s.schedule and s.schedule.client_fell_behind]
+        if behind:
+            lines += [f"The client fell behind its schedule in: {', '.join(behind)} (see `schedule`).", ""]
+        warm = [f"{s.label} {s.warmup.errors}" for s in steps if s.warmup.failed]
+        if warm:
+            lines += [f"Calls failed during warm-up (not in the figures): {'; '.join(warm)}.", ""]
+    return lines
+
+
+def markdown(doc: Document, plots: dict[str, str], plot_prefix: str) -> str:
     """The summary: headline figures, every step, the server's view, raw limit, machine, reproduction."""
-    title = "recserve benchmarks" if doc["kind"] == "suite" else "recserve benchmark run"
+    title = "recserve benchmarks" if doc.kind == "suite" else "recserve benchmark run"
     lines = [
         f"# {title}",
         "",
-        f"Measured {doc['created_at']} with `recserve bench` (schema {doc['schema']}).",
+        f"Measured {doc.created_at} with `recserve bench` (schema {doc.schema}).",
         "",
     ]
-    if doc["summary"]:
+    if doc.summary:
         lines += ["## Summary", ""]
-        rows = [
-            [item.get("title", key), _summary_value(item), item.get("how", "")]
-            for key, item in doc["summary"].items()
-            if isinstance(item, dict) and "value" in item
-        ]
+        rows = [[item.title, _summary_value(item), item.how] for item in doc.summary.values()]
         lines += md_table(["figure", "measured", "how"], rows)
         lines.append("")
-    if doc["workload"]:
-        w = doc["workload"]
-        tok = w["tokens_per_text"]
+    if doc.workload:
+        w = doc.workload
+        tok = w.tokens_per_text
         lines += [
             "## Workload",
             "",
-            f"{w['description']} (`{w['lengths']}`, seed {w['seed']}): {w['texts']} distinct texts, "
-            f"tokens per text mean {tok['mean']}, p50 {tok['p50']}, p90 {tok['p90']}, "
-            f"{tok['min']}..{tok['max']}; "
-            f"{w['texts_per_call']} text(s) per Embed call; RPC mix {w['rpc']}; vectors as {w['encoding']}.",
+            f"{w.description} (`{w.lengths}`, seed {w.seed}): {w.texts} distinct texts, "
+            f"tokens per text mean {tok.mean}, p50 {tok.p50}, p90 {tok.p90}, {tok.min}..{tok.max}; "
+            f"{w.texts_per_call} text(s) per Embed call; RPC mix {w.rpc}; vectors as {w.encoding}.",
             "",
         ]
-    for series in doc["series"]:
-        lines += [f"## {series['name'].capitalize()}", ""]
-        info = series.get("server") or {}
-        if info:
-            max_batch = info.get("limits", {}).get("max_batch_size")
-            lines += [
-                f"Target `{series['target']}`: {info.get('model_name')} ({info.get('task')}, "
-                f"{info.get('precision')}, {info.get('provider')}), max batch {max_batch}.",
-                "",
-            ]
-        for mode in ("closed", "open"):
-            steps = [s for s in series["steps"] if s["mode"] == mode]
-            if steps:
-                lines += [f"### {mode.capitalize()} loop", ""]
-                lines += md_table(TABLE_HEADER, [step_row(s) for s in steps])
-                lines.append("")
-                behind = [s["label"] for s in steps if s.get("schedule", {}).get("client_fell_behind")]
-                if behind:
-                    lines += [
-                        f"The client fell behind its schedule in: {', '.join(behind)} (see `schedule`).",
-                        "",
-                    ]
-                warm = [
-                    f"{s['label']} {s['warmup']['errors']}"
-                    for s in steps
-                    if s.get("warmup", {}).get("failed")
-                ]
-                if warm:
-                    lines += [f"Calls failed during warm-up (not in the figures): {'; '.join(warm)}.", ""]
-    extra = doc.get("sections") or {}
-    for heading, body in extra.items():
+    for series in doc.series:
+        lines += _series_lines(series)
+    for heading, body in (doc.sections or {}).items():
         lines += [f"## {heading}", "", *body, ""]
-    if doc["raw"]:
-        raw = doc["raw"]
-        lat = raw["single"]["latency_ms"]
+    if doc.raw:
+        raw = doc.raw
+        lat = raw.single.latency_ms
         lines += [
             "## Raw limit",
             "",
-            f"In-process ONNX Runtime on the same model file (`{raw['model_file']}`, {raw['precision']}, "
-            f"{raw['provider']}, {raw['threads']} threads), the same {raw['texts']} texts in length-sorted "
-            f"batches of {raw['batch_size']}, tokenisation included: **{raw['texts_per_s']:.1f} texts/s** "
-            f"({raw['tokens_per_s']:.0f} tokens/s, padding {raw['padding_ratio']}, "
-            f"median of {raw['repeats']} passes, before the served sweep). "
-            f"One text at a time: p50 {_fmt(lat['p50'], 2)} ms, p99 {_fmt(lat['p99'], 2)} ms.",
+            f"In-process ONNX Runtime on the same model file (`{raw.model_file}`, {raw.precision}, "
+            f"{raw.provider}, {raw.threads} threads), the same {raw.texts} texts in length-sorted "
+            f"batches of {raw.batch_size}, tokenisation included: **{raw.texts_per_s:.1f} texts/s** "
+            f"({raw.tokens_per_s:.0f} tokens/s, padding {raw.padding_ratio}, "
+            f"median of {raw.repeats} passes, before the served sweep). "
+            f"One text at a time: p50 {_fmt(lat.p50, 2)} ms, p99 {_fmt(lat.p99, 2)} ms.",
             "",
         ]
     if plots:
@@ -455,20 +457,19 @@ def markdown(doc: dict[str, Any], plots: dict[str, str], plot_prefix: str) -> st
         for name, file in plots.items():
             lines += [f"![{name}]({plot_prefix}{file})", ""]
     lines += ["## Machine and versions", ""]
-    m = doc["machine"]
+    m = doc.machine
+    start = list(m.load_average_start) if m.load_average_start is not None else None
+    end = list(m.load_average_end) if m.load_average_end is not None else None
     lines += [
-        f"- CPU: {m['cpu_model']}, {m['cores']} cores ({m['usable_cores']} usable), {m['memory_gib']} GiB; "
-        f"{m['platform']}; Python {m['python']}; load average at start {m.get('load_average_start')}, "
-        f"at end {m.get('load_average_end')}",
-        "- Packages: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()),
+        f"- CPU: {m.cpu_model}, {m.cores} cores ({m.usable_cores} usable), {m.memory_gib} GiB; "
+        f"{m.platform}; Python {m.python}; load average at start {start}, at end {end}",
+        "- Packages: " + ", ".join(f"{k} {v}" for k, v in doc.versions.items()),
     ]
-    for series in doc["series"]:
-        info = series.get("server") or {}
-        if info:
-            lines.append(
-                f"- {series['name']}: server {info.get('server_version')}, model weights sha256 "
-                f"`{info.get('weights_sha256')}`"
-            )
+    for series in doc.series:
+        lines.append(
+            f"- {series.name}: server {series.server.server_version}, model weights sha256 "
+            f"`{series.server.weights_sha256}`"
+        )
     lines += ["", "## Method", ""]
     lines += [
         "- Closed loop: N callers, each sends its next call when the previous one returns. Open loop: calls "
@@ -483,17 +484,17 @@ def markdown(doc: dict[str, Any], plots: dict[str, str], plot_prefix: str) -> st
         "## Reproduce",
         "",
         "```sh",
-        doc["command"],
+        doc.command,
         "```",
     ]
-    if doc.get("reproduce_hint"):
-        lines += ["", doc["reproduce_hint"]]
-    for note in doc["notes"]:
+    if doc.reproduce_hint:
+        lines += ["", doc.reproduce_hint]
+    for note in doc.notes:
         lines += ["", f"> Note: {note}"]
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(doc: dict[str, Any], path: Path, plots: dict[str, str], plots_dir: Path) -> Path:
+def write_markdown(doc: Document, path: Path, plots: dict[str, str], plots_dir: Path) -> Path:
     """Writes the summary at `path`, linking the plots relative to it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rel = os.path.relpath(plots_dir.resolve(), path.parent.resolve())
@@ -502,15 +503,22 @@ def write_markdown(doc: dict[str, Any], path: Path, plots: dict[str, str], plots
     return path
 
 
+def publish(
+    doc: Document, out_dir: Path, markdown_path: Path | None, p99_target_ms: float | None = None
+) -> dict[str, Path]:
+    """The end of a command: `finish`, `write_all`, and the tables and file names on the terminal."""
+    doc = finish(doc)
+    paths = write_all(doc, out_dir, markdown_path, p99_target_ms)
+    print_tables(doc)
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
 def write_all(
-    doc: dict[str, Any], out_dir: Path, markdown_path: Path | None, p99_target_ms: float | None = None
+    doc: Document, out_dir: Path, markdown_path: Path | None, p99_target_ms: float | None = None
 ) -> dict[str, Path]:
     """JSON, plots and Markdown under `out_dir` (Markdown at `markdown_path` if given); returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc["machine"]["load_average_end"] = load_average()
-    note = busy_note(doc["machine"])
-    if note and note not in doc["notes"]:
-        doc["notes"].append(note)
     plots = write_plots(doc, out_dir, p99_target_ms)
     md_path = markdown_path or out_dir / "summary.md"
     paths = {

@@ -11,12 +11,16 @@ import math
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-PREFIX = "recserve_"
+from recserve.benchmarks.results import ServerView
+from recserve.server.metrics import PREFIX as FAMILY_PREFIX
+from recserve.server.metrics import Name, total
+
+PREFIX = f"{FAMILY_PREFIX}_"
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -45,6 +49,12 @@ class Snapshot:
 
     def series(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
         return {labels: v for (n, labels), v in self.samples.items() if n == name}
+
+    def delta(self, before: Snapshot, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """Each label set of `name`: its value here minus its value in `before` (0 if it was absent)."""
+        return {
+            labels: v - before.samples.get((name, labels), 0.0) for labels, v in self.series(name).items()
+        }
 
 
 def parse(text: str, at: float | None = None) -> Snapshot:
@@ -85,12 +95,29 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, digits)
 
 
-def histogram_delta(before: Snapshot, after: Snapshot, name: str) -> dict[str, int]:
+def _ms(seconds: float | None) -> float | None:
+    return _round(seconds * 1000 if seconds is not None else None, 3)
+
+
+# A histogram family's samples (prometheus_client's exposition; the server's metrics module names the family).
+def _sum(family: str) -> str:
+    return f"{family}_sum"
+
+
+def _count(family: str) -> str:
+    return f"{family}_count"
+
+
+def _bucket(family: str) -> str:
+    return f"{family}_bucket"
+
+
+def histogram_delta(before: Snapshot, after: Snapshot, family: str) -> dict[str, int]:
     """Observations per bucket during the step, not cumulative: upper bound (as text) -> count."""
     bounds = []
-    for labels, value in after.series(f"{name}_bucket").items():
+    for labels, value in after.delta(before, _bucket(family)).items():
         le = dict(labels).get("le", "")
-        bounds.append((float(le), le, value - before.samples.get((f"{name}_bucket", labels), 0.0)))
+        bounds.append((float(le), le, value))
     bounds.sort()
     out: dict[str, int] = {}
     below = 0.0
@@ -100,62 +127,64 @@ def histogram_delta(before: Snapshot, after: Snapshot, name: str) -> dict[str, i
     return out
 
 
-def server_view(before: Snapshot, after: Snapshot) -> dict[str, Any]:
+def _by_label(
+    before: Snapshot, after: Snapshot, counter: str, key: Callable[[dict[str, str]], str]
+) -> dict[str, int]:
+    """A counter's increase during the step, summed by `key` of the labels; label sets that did not move
+    are left out."""
+    out: dict[str, int] = {}
+    for labels, value in after.delta(before, total(counter)).items():
+        name = key(dict(labels))
+        out[name] = out.get(name, 0) + round(value)
+    return {k: v for k, v in out.items() if v}
+
+
+def server_view(before: Snapshot, after: Snapshot) -> ServerView:
     """What the server saw between two scrapes: batching, padding, where the time went, errors."""
 
-    def delta(name: str, **match: str) -> float:
-        return after.total(name, **match) - before.total(name, **match)
+    def delta(name: str) -> float:
+        return after.total(name) - before.total(name)
 
-    batches = delta("recserve_batch_size_count")
-    request_s = _mean(
-        delta("recserve_request_duration_seconds_sum"), delta("recserve_request_duration_seconds_count")
-    )
-    tokenize_s = _mean(delta("recserve_tokenize_seconds_sum"), delta("recserve_tokenize_seconds_count"))
-    queue_s = _mean(delta("recserve_queue_wait_seconds_sum"), delta("recserve_queue_wait_seconds_count"))
-    infer_s = _mean(delta("recserve_inference_seconds_sum"), delta("recserve_inference_seconds_count"))
-    real_tokens = delta("recserve_batch_real_tokens_total")
-    padded_tokens = delta("recserve_batch_tokens_sum")
+    def mean_of(family: str) -> float | None:
+        return _mean(delta(_sum(family)), delta(_count(family)))
+
+    batches = delta(_count(Name.BATCH_SIZE))
+    request_s = mean_of(Name.REQUEST_SECONDS)
+    tokenize_s = mean_of(Name.TOKENIZE_SECONDS)
+    queue_s = mean_of(Name.QUEUE_WAIT_SECONDS)
+    infer_s = mean_of(Name.INFERENCE_SECONDS)
+    real_tokens = delta(total(Name.BATCH_REAL_TOKENS))
+    padded_tokens = delta(_sum(Name.BATCH_TOKENS))
 
     def share(part: float | None) -> float | None:
         # Mean per observation over mean request duration: a call waits in the queue once and rides one
         # batch (the usual case), so this is the fraction of a typical call's latency spent there.
         return _round(part / request_s) if part is not None and request_s else None
 
-    requests: dict[str, int] = {}
-    for labels, value in after.series("recserve_requests_total").items():
-        lab = dict(labels)
-        n = round(value - before.samples.get(("recserve_requests_total", labels), 0.0))
-        if n:
-            key = f"{lab.get('rpc', '?')}:{lab.get('code', '?')}"
-            requests[key] = requests.get(key, 0) + n
-    failures = {
-        dict(labels).get("reason", "?"): round(
-            v - before.samples.get(("recserve_failures_total", labels), 0.0)
-        )
-        for labels, v in after.series("recserve_failures_total").items()
-    }
-    return {
-        "seconds": _round(after.at - before.at, 3),
-        "batches": round(batches),
-        "mean_batch_size": _round(_mean(delta("recserve_batch_size_sum"), batches), 3),
-        "mean_batch_tokens": _round(_mean(padded_tokens, batches), 1),
+    def reason(labels: dict[str, str]) -> str:
+        return labels.get("reason", "?")
+
+    return ServerView(
+        seconds=_round(after.at - before.at, 3),
+        batches=round(batches),
+        mean_batch_size=_round(_mean(delta(_sum(Name.BATCH_SIZE)), batches), 3),
+        mean_batch_tokens=_round(_mean(padded_tokens, batches), 1),
         # Token-weighted when the server counts real tokens; otherwise the mean of the per-batch ratios.
-        "padding_ratio": _round(
-            padded_tokens / real_tokens
-            if real_tokens > 0
-            else _mean(delta("recserve_padding_ratio_sum"), delta("recserve_padding_ratio_count"))
+        padding_ratio=_round(padded_tokens / real_tokens if real_tokens > 0 else mean_of(Name.PADDING_RATIO)),
+        mean_request_ms=_ms(request_s),
+        mean_tokenize_ms=_ms(tokenize_s),
+        mean_queue_wait_ms=_ms(queue_s),
+        mean_inference_ms=_ms(infer_s),
+        tokenize_share=share(tokenize_s),
+        queue_share=share(queue_s),
+        inference_share=share(infer_s),
+        backlog_seconds=_round(after.get(Name.BACKLOG_SECONDS), 4),
+        queue_texts=_round(after.get(Name.QUEUE_TEXTS), 0),
+        in_flight=_round(after.get(Name.IN_FLIGHT), 0),
+        requests=_by_label(
+            before, after, Name.REQUESTS, lambda labels: f"{labels.get('rpc', '?')}:{labels.get('code', '?')}"
         ),
-        "mean_request_ms": _round(request_s * 1000 if request_s is not None else None, 3),
-        "mean_tokenize_ms": _round(tokenize_s * 1000 if tokenize_s is not None else None, 3),
-        "mean_queue_wait_ms": _round(queue_s * 1000 if queue_s is not None else None, 3),
-        "mean_inference_ms": _round(infer_s * 1000 if infer_s is not None else None, 3),
-        "tokenize_share": share(tokenize_s),
-        "queue_share": share(queue_s),
-        "inference_share": share(infer_s),
-        "backlog_seconds": _round(after.get("recserve_backlog_seconds"), 4),
-        "queue_texts": _round(after.get("recserve_queue_texts"), 0),
-        "in_flight": _round(after.get("recserve_in_flight"), 0),
-        "requests": requests,
-        "failures": {k: v for k, v in failures.items() if v},
-        "batch_size_histogram": histogram_delta(before, after, "recserve_batch_size"),
-    }
+        failures=_by_label(before, after, Name.FAILURES, reason),
+        dropped_texts=_by_label(before, after, Name.DROPPED_TEXTS, reason),
+        batch_size_histogram=histogram_delta(before, after, Name.BATCH_SIZE),
+    )

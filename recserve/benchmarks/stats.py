@@ -1,15 +1,15 @@
-"""Exact statistics over the stored latencies of a step: percentiles, rates, errors, consistency checks."""
+"""Exact statistics over the stored latencies of a step: percentiles, rates, error counts."""
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
 
 import numpy as np
 
-# (JSON key, percentile)
-PERCENTILES: tuple[tuple[str, float], ...] = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99_9", 99.9))
+from recserve.benchmarks.results import LatencySummary
+
+PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0, 99.9)
 
 
 def nearest_rank(sorted_values: np.ndarray, q: float) -> float:
@@ -19,24 +19,23 @@ def nearest_rank(sorted_values: np.ndarray, q: float) -> float:
     return float(sorted_values[rank - 1])
 
 
-def latency_summary(latencies_s: np.ndarray) -> dict[str, float | None]:
+def latency_summary(latencies_s: np.ndarray) -> LatencySummary:
     """Milliseconds: p50, p90, p99, p99.9, max and mean; None for each when there are no samples.
 
     NOTE: exact over every stored sample, by nearest rank: each percentile is a latency that was actually
     observed (as HDR histograms report), and the values are ordered by construction.
     """
-    keys = [k for k, _ in PERCENTILES] + ["max", "mean"]
     if latencies_s.size == 0:
-        return dict.fromkeys(keys)
+        return LatencySummary()
     ms = np.sort(latencies_s * 1000.0)
-    out: dict[str, float | None] = {k: round(nearest_rank(ms, q), 3) for k, q in PERCENTILES}
-    out["max"] = round(float(ms[-1]), 3)
-    out["mean"] = round(float(ms.mean()), 3)
-    return out
+    p50, p90, p99, p99_9 = (round(nearest_rank(ms, q), 3) for q in PERCENTILES)
+    return LatencySummary(
+        p50=p50, p90=p90, p99=p99, p99_9=p99_9, max=round(float(ms[-1]), 3), mean=round(float(ms.mean()), 3)
+    )
 
 
-def percentiles_ordered(lat: dict[str, float | None]) -> bool:
-    seq = [lat[k] for k, _ in PERCENTILES] + [lat["max"]]
+def percentiles_ordered(lat: LatencySummary) -> bool:
+    seq = lat.tail()
     if any(v is None for v in seq):
         return all(v is None for v in seq)
     return all(a <= b for a, b in itertools.pairwise(seq))  # type: ignore[operator]
@@ -56,12 +55,3 @@ def error_counts(codes: np.ndarray, names: dict[int, str]) -> dict[str, int]:
 
 def rate(count: float, seconds: float) -> float:
     return round(count / seconds, 3) if seconds > 0 else 0.0
-
-
-def consistency(step: dict[str, Any]) -> dict[str, bool]:
-    """The checks every step must pass; a false one means the harness (not the server) is wrong."""
-    return {
-        "completed_plus_failed_is_sent": step["completed"] + step["failed"] == step["sent"],
-        "percentiles_ordered": percentiles_ordered(step["latency_ms"]),
-        "errors_add_up": sum(step["errors"].values()) == step["failed"],
-    }

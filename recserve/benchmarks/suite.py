@@ -15,27 +15,28 @@ import contextlib
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from dataclasses import replace
+from typing import TYPE_CHECKING, TextIO
 
 import grpc
 import numpy as np
 
 from recserve.benchmarks import report, stats
-from recserve.benchmarks.loadgen import LoadSettings
-from recserve.benchmarks.runner import (
-    EXIT_TARGET,
-    EXIT_USAGE,
-    ProgressLine,
-    TargetError,
-    check_target,
-    connected,
-    load_workload,
-    series_entry,
-    sweep,
+from recserve.benchmarks.config import SuiteConfig, settings, workload_of
+from recserve.benchmarks.results import (
+    Document,
+    LoneCalls,
+    PairedRounds,
+    RawLimit,
+    Round,
+    Series,
+    Served,
+    StepResult,
+    SummaryItem,
 )
-from recserve.benchmarks.workloads import Workload, WorkloadSpec
+from recserve.benchmarks.sweep import ProgressLine, sweep
+from recserve.benchmarks.targets import TargetError, check_target, connected
+from recserve.benchmarks.workloads import Workload
 from recserve.client import AsyncClient, ServerInfo
 from recserve.v1 import inference_pb2 as pb
 
@@ -48,25 +49,6 @@ PADDING_TARGET = 1.15
 LONE_OVERHEAD_TARGET_MS = 2.0
 
 
-@dataclass(frozen=True)
-class SuiteConfig:
-    model_repo: Path
-    out: Path
-    markdown: Path
-    threads: int
-    load: LoadSettings
-    workload: WorkloadSpec
-    concurrency: tuple[int, ...] = (1, 4, 16, 64, 256)
-    open_fractions: tuple[float, ...] = (0.25, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1)
-    compare: tuple[int, ...] = (1, 64)
-    raw_repeats: int = 3
-    rounds: int = 6
-    singles: int = 200
-    p99_target_ms: float = 100.0
-    progress: bool = True
-    command: str = ""
-
-
 DEFAULT = "batching on"
 # The lone calls' references: the model in this process, and a gRPC server with nothing but the model.
 RAW = "raw"
@@ -75,11 +57,12 @@ BARE = "bare gRPC"
 LONE_WARMUP_CALLS = 20
 # The paired rounds' second server: the default one with --max-concurrent-batches 1.
 ONE_AT_A_TIME = "one batch at a time"
+BATCHING_OFF = "batching off"
 
 
 async def lone_calls(
     cfg: SuiteConfig, workload: Workload, model: RawModel, targets: Sequence[tuple[str, AsyncClient]]
-) -> dict[str, Any]:
+) -> LoneCalls:
     """The lone-call overhead with the machine's drift taken out: each text goes, one call at a time, to the
     raw model in this process and to every target, in an order that rotates per text. A VM that drifts by
     +-15% from minute to minute moves a 10 ms figure by more than the 2 ms this measures; here all three see
@@ -108,27 +91,25 @@ async def lone_calls(
             if index >= LONE_WARMUP_CALLS:
                 seconds[name].append(time.perf_counter() - started)
     latency = {name: stats.latency_summary(np.array(seconds[name])) for name in names}
-    raw_p50 = latency[RAW]["p50"]
-    return {
-        "calls": len(seconds[RAW]),
-        "latency_ms": latency,
-        "overhead_ms": {
+    raw_p50 = latency[RAW].p50
+    return LoneCalls(
+        calls=len(seconds[RAW]),
+        latency_ms=latency,
+        overhead_ms={
             name: round(p50 - raw_p50, 3)
             for name in names[1:]
-            if (p50 := latency[name]["p50"]) is not None and raw_p50 is not None
+            if (p50 := latency[name].p50) is not None and raw_p50 is not None
         },
-    }
+    )
 
 
-def lone_section(lone: dict[str, Any]) -> list[str]:
+def lone_section(lone: LoneCalls) -> list[str]:
     rows = []
-    for name, lat in lone["latency_ms"].items():
-        over = lone["overhead_ms"].get(name)
-        rows.append(
-            [name, str(lat["p50"]), str(lat["p90"]), str(lat["p99"]), "-" if over is None else f"{over:+}"]
-        )
+    for name, lat in lone.latency_ms.items():
+        over = lone.overhead_ms.get(name)
+        rows.append([name, str(lat.p50), str(lat.p90), str(lat.p99), "-" if over is None else f"{over:+}"])
     return [
-        f"{lone['calls']} texts of the workload, one call at a time, each to the raw model in the "
+        f"{lone.calls} texts of the workload, one call at a time, each to the raw model in the "
         f"benchmark's process, to `{BARE}` (a grpc.aio server that only runs the raw model in one executor "
         "hop: no validation, batcher, metrics or logs) and to the default server, in an order that rotates "
         "per text. Overhead is p50 minus the raw p50.",
@@ -141,9 +122,9 @@ async def paired_rounds(
     cfg: SuiteConfig,
     workload: Workload,
     targets: Sequence[tuple[str, AsyncClient, str | None]],
-    raw_pass: Callable[[], Awaitable[dict[str, Any]]],
+    raw_pass: Callable[[], Awaitable[RawLimit]],
     progress: ProgressLine | None,
-) -> dict[str, Any]:
+) -> PairedRounds:
     """Efficiency measured so that a drifting machine cancels out: raw and served taken minutes apart on a
     shared VM differ by +-15%, so each round runs a raw pass, then one window at the load point on every
     target (their order rotating each round), and the ratio is of the totals over all rounds.
@@ -152,8 +133,8 @@ async def paired_rounds(
     plan = replace(cfg.load, max_windows=1).plan("closed", concurrency=callers, seed=cfg.workload.seed)
     rounds = []
     for index in range(cfg.rounds):
-        raw = (await raw_pass())["texts_per_s"]
-        served: dict[str, dict[str, Any]] = {}
+        raw = (await raw_pass()).texts_per_s
+        served: dict[str, Served] = {}
         turn = index % len(targets)
         for name, client, metrics_url in [*targets[turn:], *targets[:turn]]:
             (step,) = await sweep(
@@ -165,41 +146,37 @@ async def paired_rounds(
                 raw_texts_per_s=raw,
                 series=f"round {index + 1}, {name}",
             )
-            served[name] = {
-                "texts_per_s": step["texts_per_s"],
-                "latency_ms": step["latency_ms"],
-                "failed": step["failed"],
-                "server": step.get("server"),
-            }
-        rounds.append({"raw_texts_per_s": raw, "served": served})
-    raw_total = sum(r["raw_texts_per_s"] for r in rounds)
+            m = step.measured
+            served[name] = Served(
+                texts_per_s=m.texts_per_s, latency_ms=m.latency_ms, failed=m.failed, server=step.server
+            )
+        rounds.append(Round(raw_texts_per_s=raw, served=served))
+    raw_total = sum(r.raw_texts_per_s for r in rounds)
     names = [name for name, _, _ in targets]
-    return {
-        "callers": callers,
-        "rounds": rounds,
-        "efficiency": {
-            name: round(sum(r["served"][name]["texts_per_s"] for r in rounds) / raw_total, 3)
-            if raw_total
-            else None
+    return PairedRounds(
+        callers=callers,
+        rounds=tuple(rounds),
+        efficiency={
+            name: round(sum(r.served[name].texts_per_s for r in rounds) / raw_total, 3) if raw_total else None
             for name in names
         },
-    }
+    )
 
 
-def paired_section(paired: dict[str, Any]) -> list[str]:
-    names = list(paired["efficiency"])
+def paired_section(paired: PairedRounds) -> list[str]:
+    names = list(paired.efficiency)
     rows = []
-    for index, rnd in enumerate(paired["rounds"], 1):
-        raw = rnd["raw_texts_per_s"]
+    for index, rnd in enumerate(paired.rounds, 1):
+        raw = rnd.raw_texts_per_s
         cells = [str(index), f"{raw:.1f}"]
         for name in names:
-            tps = rnd["served"][name]["texts_per_s"]
+            tps = rnd.served[name].texts_per_s
             cells.append(f"{tps:.1f} ({tps / raw:.2f})" if raw else f"{tps:.1f}")
         rows.append(cells)
-    rows.append(["all", "", *(f"**{paired['efficiency'][n]}**" for n in names)])
+    rows.append(["all", "", *(f"**{paired.efficiency[n]}**" for n in names)])
     header = ["round", "raw texts/s", *(f"{n}: texts/s (x raw)" for n in names)]
     return [
-        f"Each round: one raw pass over the workload, then one window of {paired['callers']} callers on each "
+        f"Each round: one raw pass over the workload, then one window of {paired.callers} callers on each "
         "server (the order rotates), the other server idle. The last row is total served over total raw. "
         f"`{ONE_AT_A_TIME}` is the default server with `--max-concurrent-batches 1`: one batch at a time on "
         "every thread, instead of a batch that starts while another runs sharing the threads with it.",
@@ -208,122 +185,119 @@ def paired_section(paired: dict[str, Any]) -> list[str]:
     ]
 
 
-def _closed_at(steps: list[dict[str, Any]], callers: int) -> dict[str, Any] | None:
-    return next((s for s in steps if s["mode"] == "closed" and s["concurrency"] == callers), None)
-
-
-def _item(title: str, value: float | None, how: str, **kw: Any) -> dict[str, Any]:
-    return {"title": title, "value": value, "how": how, **kw}
+def _closed_at(steps: Sequence[StepResult], callers: int) -> StepResult | None:
+    return next((s for s in steps if s.mode == "closed" and s.concurrency == callers), None)
 
 
 def summarise(
     cfg: SuiteConfig,
-    on: list[dict[str, Any]],
-    off: list[dict[str, Any]],
-    paired: dict[str, Any],
-    lone: dict[str, Any],
-) -> dict[str, Any]:
+    on: Sequence[StepResult],
+    off: Sequence[StepResult],
+    paired: PairedRounds,
+    lone: LoneCalls,
+) -> dict[str, SummaryItem]:
     """The headline figures of BENCHMARKS.md, each with its target where the issues set one."""
     load_c = max(cfg.compare)
     busy = _closed_at(on, load_c)
     # The most the server delivered in any step: an open-loop step can beat every closed-loop one.
-    peak = max((s["calls_per_s"] for s in on), default=0.0)
-    out: dict[str, Any] = {}
-    eff = paired["efficiency"][DEFAULT]
-    out["efficiency"] = _item(
-        f"Efficiency at {load_c} callers",
-        eff,
-        f"served texts/s with {load_c} callers, one text per call, over the raw limit's texts/s, totals of "
-        f"{len(paired['rounds'])} paired rounds (below)",
+    peak = max((s.measured.calls_per_s for s in on), default=0.0)
+    out: dict[str, SummaryItem] = {}
+    eff = paired.efficiency[DEFAULT]
+    out["efficiency"] = SummaryItem(
+        title=f"Efficiency at {load_c} callers",
+        value=eff,
+        how=f"served texts/s with {load_c} callers, one text per call, over the raw limit's texts/s, totals "
+        f"of {len(paired.rounds)} paired rounds (below)",
         target=f">= {EFFICIENCY_TARGET}",
         met=eff is not None and eff >= EFFICIENCY_TARGET,
     )
     if busy is not None:
-        pad = (busy.get("server") or {}).get("padding_ratio")
-        out["padding"] = _item(
-            f"Padding ratio at {load_c} callers",
-            pad,
-            "padded / real tokens over the batches the server ran (its metrics)",
+        pad = busy.server.padding_ratio if busy.server else None
+        out["padding"] = SummaryItem(
+            title=f"Padding ratio at {load_c} callers",
+            value=pad,
+            how="padded / real tokens over the batches the server ran (its metrics)",
             target=f"<= {PADDING_TARGET}",
             met=pad is not None and pad <= PADDING_TARGET,
         )
-    overhead = lone["overhead_ms"].get(DEFAULT)
+    overhead = lone.overhead_ms.get(DEFAULT)
     if overhead is not None:
-        out["lone_overhead"] = _item(
-            "Lone-call overhead",
-            overhead,
-            f"p50 of a lone one-text call ({lone['latency_ms'][DEFAULT]['p50']} ms) minus the raw single "
-            f"inference p50 of the same texts ({lone['latency_ms'][RAW]['p50']} ms), interleaved (below)",
+        out["lone_overhead"] = SummaryItem(
+            title="Lone-call overhead",
+            value=overhead,
+            how=f"p50 of a lone one-text call ({lone.latency_ms[DEFAULT].p50} ms) minus the raw single "
+            f"inference p50 of the same texts ({lone.latency_ms[RAW].p50} ms), interleaved (below)",
             unit=" ms",
             digits=3,
             target=f"<= {LONE_OVERHEAD_TARGET_MS} ms",
             met=overhead <= LONE_OVERHEAD_TARGET_MS,
         )
-    floor = lone["overhead_ms"].get(BARE)
+    floor = lone.overhead_ms.get(BARE)
     if floor is not None:
-        out["lone_floor"] = _item(
-            "Lone-call overhead of the bare gRPC baseline",
-            floor,
-            "the same for a grpc.aio server with nothing but the model: what gRPC, the client and thread "
+        out["lone_floor"] = SummaryItem(
+            title="Lone-call overhead of the bare gRPC baseline",
+            value=floor,
+            how="the same for a grpc.aio server with nothing but the model: what gRPC, the client and thread "
             "wake-ups add before any server logic",
             unit=" ms",
             digits=3,
         )
-    out["peak"] = _item(
-        "Peak throughput",
-        peak,
-        "highest delivered calls/s of any step, closed or open loop",
+    out["peak"] = SummaryItem(
+        title="Peak throughput",
+        value=peak,
+        how="highest delivered calls/s of any step, closed or open loop",
         unit=" calls/s",
         digits=1,
     )
     within = [
         s
         for s in on
-        if s["mode"] == "open"
-        and s["failed"] == 0
-        and s["latency_ms"]["p99"] is not None
-        and s["latency_ms"]["p99"] <= cfg.p99_target_ms
+        if s.mode == "open"
+        and s.measured.failed == 0
+        and (p99 := s.measured.latency_ms.p99) is not None
+        and p99 <= cfg.p99_target_ms
     ]
-    best = max(within, key=lambda s: s["rate"], default=None)
-    out["open_rate_fraction"] = _item(
-        f"Highest open-loop rate with p99 <= {cfg.p99_target_ms:g} ms, as a fraction of peak",
-        round(best["rate"] / peak, 3) if best and peak else None,
-        (
-            f"{best['rate']:g} calls/s (Poisson) kept p99 at {best['latency_ms']['p99']} ms with no errors; "
-            f"peak {peak:g} calls/s"
+    best = max(within, key=lambda s: s.offered, default=None)
+    out["open_rate_fraction"] = SummaryItem(
+        title=f"Highest open-loop rate with p99 <= {cfg.p99_target_ms:g} ms, as a fraction of peak",
+        value=round(best.offered / peak, 3) if best and peak else None,
+        how=(
+            f"{best.offered:g} calls/s (Poisson) kept p99 at {best.measured.latency_ms.p99} ms with no "
+            f"errors; peak {peak:g} calls/s"
             if best
             else "no open-loop step met the bound"
         ),
         digits=3,
     )
     off_busy = _closed_at(off, load_c)
-    if busy is not None and off_busy is not None and off_busy["texts_per_s"]:
-        out["batching_gain"] = _item(
-            f"Batching gain at {load_c} callers",
-            round(busy["texts_per_s"] / off_busy["texts_per_s"], 2),
-            "texts/s with batching on over texts/s with max_batch_size=1",
+    if busy is not None and off_busy is not None and off_busy.measured.texts_per_s:
+        out["batching_gain"] = SummaryItem(
+            title=f"Batching gain at {load_c} callers",
+            value=round(busy.measured.texts_per_s / off_busy.measured.texts_per_s, 2),
+            how="texts/s with batching on over texts/s with max_batch_size=1",
             unit="x",
         )
     return out
 
 
-def comparison_section(cfg: SuiteConfig, on: list[dict[str, Any]], off: list[dict[str, Any]]) -> list[str]:
+def comparison_section(cfg: SuiteConfig, on: Sequence[StepResult], off: Sequence[StepResult]) -> list[str]:
     rows = []
     for callers in cfg.compare:
         a, b = _closed_at(on, callers), _closed_at(off, callers)
         if a is None or b is None:
             continue
-        gain = f"{a['texts_per_s'] / b['texts_per_s']:.2f}x" if b["texts_per_s"] else "-"
+        ma, mb = a.measured, b.measured
+        gain = f"{ma.texts_per_s / mb.texts_per_s:.2f}x" if mb.texts_per_s else "-"
         rows.append(
             [
                 str(callers),
-                f"{a['texts_per_s']:.1f}",
-                f"{b['texts_per_s']:.1f}",
+                f"{ma.texts_per_s:.1f}",
+                f"{mb.texts_per_s:.1f}",
                 gain,
-                str(a["latency_ms"]["p50"]),
-                str(b["latency_ms"]["p50"]),
-                str(a["latency_ms"]["p99"]),
-                str(b["latency_ms"]["p99"]),
+                str(ma.latency_ms.p50),
+                str(mb.latency_ms.p50),
+                str(ma.latency_ms.p99),
+                str(mb.latency_ms.p99),
             ]
         )
     header = [
@@ -340,43 +314,40 @@ def comparison_section(cfg: SuiteConfig, on: list[dict[str, Any]], off: list[dic
 
 
 async def run_suite(cfg: SuiteConfig, err: TextIO | None = None) -> int:
+    """The suite after its flags were checked: returns the exit code. Raises ConfigError when the workload
+    cannot be built, TargetError or ServerStartError when a server it starts cannot take the load."""
     err = err or sys.stderr
     from recserve.benchmarks.baseline import RawModel
 
-    workload = load_workload(cfg.workload, err)
-    if workload is None:
-        return EXIT_USAGE
+    workload = workload_of(cfg.workload)
     progress = ProgressLine(err) if cfg.progress else None
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    doc = report.new_document("suite", cfg.command, settings)
-    doc["workload"] = workload.describe()
-    doc["reproduce_hint"] = "`make bench` runs this suite on the default model (MODEL_REPO in the Makefile)."
+    doc = replace(
+        report.new_document("suite", cfg.command, settings(cfg)),
+        workload=workload.describe(),
+        reproduce_hint="`make bench` runs this suite on the default model (MODEL_REPO in the Makefile).",
+    )
     if progress is not None:
         progress.finish(
             f"raw limit: {len(workload.texts)} texts, {cfg.threads} threads, {cfg.raw_repeats} passes"
         )
     model = await asyncio.to_thread(RawModel, cfg.model_repo, threads=cfg.threads, query=workload.texts[0])
-    try:
-        return await _measure(cfg, workload, model, doc, progress, err)
-    finally:
-        model.close()
+    return await _measure(cfg, workload, model, doc, progress)
 
 
 async def _measure(
     cfg: SuiteConfig,
     workload: Workload,
     model: RawModel,
-    doc: dict[str, Any],
+    doc: Document,
     progress: ProgressLine | None,
-    err: TextIO,
 ) -> int:
     from recserve.benchmarks.baseline import raw_limit
-    from recserve.benchmarks.servers import ServerStartError, local_server
+    from recserve.benchmarks.servers import local_server
 
-    def measure_raw(repeats: int, singles: int) -> Awaitable[dict[str, Any]]:
-        return asyncio.to_thread(raw_limit, model, workload.texts, repeats=repeats, singles=singles)
+    async def measure_raw(repeats: int, singles: int) -> RawLimit:
+        return await asyncio.to_thread(raw_limit, model, workload.texts, repeats=repeats, singles=singles)
 
-    raw = doc["raw"] = await measure_raw(cfg.raw_repeats, cfg.singles)
+    raw = await measure_raw(cfg.raw_repeats, cfg.singles)
     seed = cfg.workload.seed
     closed_c = sorted(set(cfg.concurrency) | set(cfg.compare))
 
@@ -390,59 +361,59 @@ async def _measure(
         async with server as srv, connected(srv.address) as client:
             yield srv, client, await check_target(client, srv.address)
 
-    try:
-        async with started(DEFAULT) as (srv, client, info):
-            async with started(BARE, bare=True) as (_, bare_client, _):
-                if progress is not None:
-                    progress.finish(f"lone calls: {cfg.singles} texts, each to {RAW}, {BARE} and {DEFAULT}")
-                lone = doc["lone"] = await lone_calls(
-                    cfg, workload, model, [(BARE, bare_client), (DEFAULT, client)]
-                )
-            kw: dict[str, Any] = {
-                "metrics_url": srv.metrics_url,
-                "progress": progress,
-                "raw_texts_per_s": raw["texts_per_s"],
-                "series": DEFAULT,
-            }
-            on = await sweep(
-                client, [cfg.load.plan("closed", concurrency=c, seed=seed) for c in closed_c], workload, **kw
-            )
-            peak = max(s["calls_per_s"] for s in on)
-            rates = sorted({round(f * peak, 1) for f in cfg.open_fractions if f * peak >= 0.1})
-            on += await sweep(
-                client,
-                [cfg.load.plan("open", rate=r, arrival="poisson", seed=seed) for r in rates],
+    async def served_sweep(
+        client: AsyncClient,
+        metrics_url: str | None,
+        series: str,
+        callers: Sequence[int],
+        rates: Sequence[float],
+    ) -> list[StepResult]:
+        """Closed-loop steps at `callers`, then open-loop (Poisson) steps at `rates`, beside the raw limit."""
+        plans = [cfg.load.plan("closed", concurrency=c, seed=seed) for c in callers]
+        plans += [cfg.load.plan("open", rate=r, arrival="poisson", seed=seed) for r in rates]
+        return await sweep(
+            client,
+            plans,
+            workload,
+            metrics_url=metrics_url,
+            progress=progress,
+            raw_texts_per_s=raw.texts_per_s,
+            series=series,
+        )
+
+    async with started(DEFAULT) as (srv, client, info):
+        async with started(BARE, bare=True) as (_, bare_client, _):
+            if progress is not None:
+                progress.finish(f"lone calls: {cfg.singles} texts, each to {RAW}, {BARE} and {DEFAULT}")
+            lone = await lone_calls(cfg, workload, model, [(BARE, bare_client), (DEFAULT, client)])
+        on = await served_sweep(client, srv.metrics_url, DEFAULT, closed_c, ())
+        peak = max(s.measured.calls_per_s for s in on)
+        rates = sorted({round(f * peak, 1) for f in cfg.open_fractions if f * peak >= 0.1})
+        on += await served_sweep(client, srv.metrics_url, DEFAULT, (), rates)
+        on_series = Series(name=DEFAULT, target=srv.address, server=info, steps=tuple(on))
+        async with started(ONE_AT_A_TIME, "--max-concurrent-batches", "1") as (one, one_client, _):
+            paired = await paired_rounds(
+                cfg,
                 workload,
-                **kw,
+                [(DEFAULT, client, srv.metrics_url), (ONE_AT_A_TIME, one_client, one.metrics_url)],
+                lambda: measure_raw(1, 1),
+                progress,
             )
-            doc["series"].append(series_entry(DEFAULT, srv.address, info, on))
-            async with started(ONE_AT_A_TIME, "--max-concurrent-batches", "1") as (one, one_client, _):
-                paired = doc["paired"] = await paired_rounds(
-                    cfg,
-                    workload,
-                    [(DEFAULT, client, srv.metrics_url), (ONE_AT_A_TIME, one_client, one.metrics_url)],
-                    lambda: measure_raw(1, 1),
-                    progress,
-                )
-        async with started("batching off", "--max-batch-size", "1") as (srv, client, info_off):
-            kw.update(metrics_url=srv.metrics_url, series="batching off")
-            off = await sweep(
-                client,
-                [cfg.load.plan("closed", concurrency=c, seed=seed) for c in cfg.compare],
-                workload,
-                **kw,
-            )
-            doc["series"].append(series_entry("batching off", srv.address, info_off, off))
-    except (TargetError, ServerStartError) as exc:
-        print(f"recserve bench: {exc}", file=err)
-        return EXIT_TARGET
-    doc["summary"] = summarise(cfg, on, off, paired, lone)
-    doc["sections"] = {
-        "Lone calls, interleaved": lone_section(lone),
-        f"Efficiency at {paired['callers']} callers, paired rounds": paired_section(paired),
-        "Batching on against off": comparison_section(cfg, on, off),
-    }
-    paths = report.write_all(doc, cfg.out, cfg.markdown, cfg.p99_target_ms)
-    report.print_tables(doc)
-    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    async with started(BATCHING_OFF, "--max-batch-size", "1") as (srv, client, info_off):
+        off = await served_sweep(client, srv.metrics_url, BATCHING_OFF, cfg.compare, ())
+        off_series = Series(name=BATCHING_OFF, target=srv.address, server=info_off, steps=tuple(off))
+    done = replace(
+        doc,
+        raw=raw,
+        lone=lone,
+        paired=paired,
+        series=(on_series, off_series),
+        summary=summarise(cfg, on, off, paired, lone),
+        sections={
+            "Lone calls, interleaved": lone_section(lone),
+            f"Efficiency at {paired.callers} callers, paired rounds": paired_section(paired),
+            "Batching on against off": comparison_section(cfg, on, off),
+        },
+    )
+    report.publish(done, cfg.out, cfg.markdown, cfg.p99_target_ms)
     return 0

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from recserve.benchmarks.results import TokenStats, WorkloadSummary
 from recserve.v1 import inference_pb2 as pb
 
 RpcKind = Literal["embed", "score", "history"]
@@ -214,31 +215,29 @@ class Workload:
     def __len__(self) -> int:
         return len(self.messages)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> WorkloadSummary:
         toks = self.text_tokens
-        return {
-            "lengths": self.spec.lengths,
-            "description": _describe_lengths(self.spec.lengths),
-            "seed": self.spec.seed,
-            "texts": len(self.texts),
-            "distinct_calls": len(self.messages),
-            "tokens_per_text": {
-                "mean": round(float(toks.mean()), 2),
-                "p50": int(np.percentile(toks, 50)),
-                "p90": int(np.percentile(toks, 90)),
-                "min": int(toks.min()),
-                "max": int(toks.max()),
+        return WorkloadSummary(
+            lengths=self.spec.lengths,
+            description=_describe_lengths(self.spec.lengths),
+            seed=self.spec.seed,
+            texts=len(self.texts),
+            distinct_calls=len(self.messages),
+            tokens_per_text=TokenStats(
+                mean=round(float(toks.mean()), 2),
+                p50=int(np.percentile(toks, 50)),
+                p90=int(np.percentile(toks, 90)),
+                min=int(toks.min()),
+                max=int(toks.max()),
                 # NOTE: measured tokens/s use the server's own counts wherever an Embed reply reports them.
-                "source": "generator (BERT uncased WordPiece)"
-                if self.tokens_exact
-                else "estimate (1.3 a word)",
-            },
-            "texts_per_call": self.spec.texts_per_call,
-            "rpc": self.spec.rpc,
-            "candidates": self.spec.candidates,
-            "history": self.spec.history,
-            "encoding": self.spec.encoding,
-        }
+                source="generator (BERT uncased WordPiece)" if self.tokens_exact else "estimate (1.3 a word)",
+            ),
+            texts_per_call=self.spec.texts_per_call,
+            rpc={str(k): v for k, v in self.spec.rpc.items()},
+            candidates=self.spec.candidates,
+            history=self.spec.history,
+            encoding=self.spec.encoding,
+        )
 
 
 def _describe_lengths(spec: str) -> str:

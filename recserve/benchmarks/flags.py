@@ -1,0 +1,191 @@
+"""Parsed flags -> a checked RunConfig or SuiteConfig; a mistake is a ConfigError before anything is sent."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from recserve.benchmarks.config import ConfigError, RunConfig, SuiteConfig
+from recserve.benchmarks.loadgen import LoadSettings
+from recserve.benchmarks.workloads import (
+    RpcKind,
+    WorkloadError,
+    WorkloadSpec,
+    parse_length_spec,
+    parse_rpc_mix,
+)
+
+
+def int_list(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ConfigError(f"{flag}: expected integers >= 1, got {text!r}")
+    return values
+
+
+def float_list(flag: str, text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
+        raise ConfigError(f"{flag}: expected numbers > 0, got {text!r}")
+    return values
+
+
+def positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value:g}")
+
+
+def load_settings(args: argparse.Namespace) -> LoadSettings:
+    """The flags of each step, shared by `run` and `suite`."""
+    positive("--warmup", args.warmup, allow_zero=True)
+    positive("--duration", args.duration)
+    positive("--deadline", args.deadline)
+    if args.max_windows < 1:
+        raise ConfigError("--max-windows must be >= 1")
+    if not 0 <= args.tolerance < 1:
+        raise ConfigError("--tolerance must be in [0, 1)")
+    if args.max_calls < 1 or args.max_in_flight < 1:
+        raise ConfigError("--max-calls and --max-in-flight must be >= 1")
+    return LoadSettings(
+        warmup_s=args.warmup,
+        window_s=args.duration,
+        max_windows=args.max_windows,
+        tolerance=args.tolerance,
+        deadline_s=args.deadline,
+        max_calls=args.max_calls,
+        max_in_flight=args.max_in_flight,
+    )
+
+
+def workload(args: argparse.Namespace, rpc: dict[RpcKind, float]) -> WorkloadSpec:
+    """The workload flags; flags that do not apply to the chosen RPCs are errors, not silently ignored."""
+    if args.texts_per_call is not None and "embed" not in rpc:
+        raise ConfigError("--texts-per-call applies to --rpc embed only")
+    if args.candidates is not None and not {"score", "history"} & set(rpc):
+        raise ConfigError("--candidates applies to --rpc score or history only")
+    if args.history is not None and "history" not in rpc:
+        raise ConfigError("--history applies to --rpc history only")
+    spec = WorkloadSpec(lengths=args.workload, seed=args.seed, rpc=rpc, encoding=args.encoding)
+    for flag, value in (
+        ("--texts-per-call", args.texts_per_call),
+        ("--candidates", args.candidates),
+        ("--history", args.history),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1")
+    return replace(
+        spec,
+        texts_per_call=args.texts_per_call or spec.texts_per_call,
+        candidates=args.candidates or spec.candidates,
+        history=args.history or spec.history,
+    )
+
+
+def _lengths(spec: str) -> None:
+    try:
+        parse_length_spec(spec)
+    except WorkloadError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def run_config(args: argparse.Namespace, argv: Sequence[str] | None = None) -> RunConfig:
+    """`bench run`: checks every flag and combination; raises ConfigError with a one-line message."""
+    if args.mode == "closed":
+        if args.rate is not None or args.arrival is not None:
+            raise ConfigError("--rate and --arrival apply to --mode open; closed loop takes --concurrency")
+        concurrency = int_list("--concurrency", args.concurrency or "1,4,16,64")
+        rates: tuple[float, ...] = ()
+    else:
+        if args.concurrency is not None:
+            raise ConfigError("--concurrency applies to --mode closed; open loop takes --rate")
+        if args.rate is None:
+            raise ConfigError("--mode open needs --rate (calls/s, e.g. --rate 50,100,200)")
+        concurrency, rates = (), float_list("--rate", args.rate)
+    load = load_settings(args)
+    try:
+        spec = workload(args, parse_rpc_mix(args.rpc))
+    except WorkloadError as exc:
+        raise ConfigError(str(exc)) from None
+    _lengths(spec.lengths)
+    if args.root_cert is not None and not args.root_cert.is_file():
+        raise ConfigError(f"--root-cert {args.root_cert} is not a file")
+    if args.batching_off and args.model_repo is None:
+        raise ConfigError("--batching-off starts a second server, so it needs --model-repo")
+    if args.model_repo is not None:
+        check_repo(args.model_repo)
+    if args.threads < 1:
+        raise ConfigError("--threads must be >= 1")
+    if ":" not in args.target:
+        raise ConfigError(f"--target must be HOST:PORT, got {args.target!r}")
+    return RunConfig(
+        target=args.target,
+        mode=args.mode,
+        concurrency=concurrency,
+        rates=rates,
+        arrival=args.arrival or "poisson",
+        workload=spec,
+        load=load,
+        out=args.out,
+        markdown=args.markdown,
+        metrics_url=None if args.metrics_url == "none" else args.metrics_url,
+        tls=args.tls or args.root_cert is not None,
+        root_cert=args.root_cert,
+        model_repo=args.model_repo,
+        batching_off=args.batching_off,
+        threads=args.threads,
+        progress=not args.quiet,
+        command=command_line(argv),
+    )
+
+
+def suite_config(args: argparse.Namespace, argv: Sequence[str] | None = None) -> SuiteConfig:
+    """`bench suite`: the same checks for its flags, before any server starts."""
+    load = load_settings(args)
+    _lengths(args.workload)
+    check_repo(args.model_repo)
+    fractions = float_list("--open-fractions", args.open_fractions)
+    if min(args.threads, args.raw_repeats, args.rounds, args.singles) < 1:
+        raise ConfigError("--threads, --raw-repeats, --rounds and --singles must be >= 1")
+    positive("--p99-target-ms", args.p99_target_ms)
+    return SuiteConfig(
+        model_repo=args.model_repo,
+        out=args.out,
+        markdown=args.markdown,
+        threads=args.threads,
+        load=load,
+        workload=WorkloadSpec(lengths=args.workload, seed=args.seed, encoding=args.encoding),
+        concurrency=int_list("--concurrency", args.concurrency),
+        open_fractions=fractions,
+        compare=int_list("--compare", args.compare),
+        raw_repeats=args.raw_repeats,
+        rounds=args.rounds,
+        singles=args.singles,
+        p99_target_ms=args.p99_target_ms,
+        progress=not args.quiet,
+        command=command_line(argv),
+    )
+
+
+def check_repo(repo: Path) -> None:
+    from recserve.manifest import Manifest, ManifestError
+
+    try:
+        Manifest.load(repo)
+    except ManifestError as exc:
+        raise ConfigError(f"--model-repo: {exc}") from None
+
+
+def command_line(argv: Sequence[str] | None) -> str:
+    words = list(sys.argv[1:] if argv is None else argv)
+    return "recserve " + shlex.join(words)

@@ -1,0 +1,96 @@
+"""Figures computed from a step's recorded calls: throughput and latency over windows, warm-up failures, how
+well the open loop kept its schedule, and the checks that the figures add up."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from recserve.benchmarks import stats
+from recserve.benchmarks.recorder import CODE_NAMES, OK, PENDING, WARMUP, CallTable, Windows
+from recserve.benchmarks.results import Consistency, Figures, Schedule, Warmup
+
+# More than this share of the calls left late: the client, not only the server, limited the step.
+FELL_BEHIND_FRACTION = 0.01
+
+
+def figures(
+    calls: CallTable,
+    windows: Windows,
+    first: int,
+    last: int,
+    texts_per: np.ndarray,
+    tokens_per: np.ndarray,
+) -> Figures:
+    """Windows `first`..`last` (see loadgen's docstring for the definitions).
+
+    `texts_per` and `tokens_per` are per prebuilt call of the workload, indexed by `calls.index`.
+    """
+    start, end = windows.bounds(first, last)
+    seconds = end - start
+    belongs = calls.within(first, last)
+    ok = calls.code == OK
+    failed = belongs & ~ok & (calls.code != PENDING)
+    # NaN ends (pending calls) compare false: they arrived in no window.
+    arrived = ok & (calls.end >= start) & (calls.end < end)
+    done = belongs & ok
+    return Figures(
+        window_s=round(seconds, 6),
+        sent=int(belongs.sum()),
+        completed=int(done.sum()),
+        failed=int(failed.sum()),
+        errors=stats.error_counts(calls.code[failed], CODE_NAMES),
+        calls_per_s=stats.rate(int(arrived.sum()), seconds),
+        texts_per_s=stats.rate(int(texts_per[calls.index[arrived]].sum()), seconds),
+        tokens_per_s=stats.rate(int(tokens_per[calls.index[arrived]].sum()), seconds),
+        latency_ms=stats.latency_summary(calls.end[done] - calls.sched[done]),
+    )
+
+
+def warmup(calls: CallTable) -> Warmup:
+    rows = calls.window == WARMUP
+    codes = calls.code[rows]
+    failed = codes[(codes != OK) & (codes != PENDING)]
+    return Warmup(
+        sent=int(rows.sum()), failed=int(failed.size), errors=stats.error_counts(failed, CODE_NAMES)
+    )
+
+
+def schedule(
+    calls: CallTable,
+    first: int,
+    last: int,
+    *,
+    rate: float,
+    late_after_s: float,
+    cap_hits: int,
+    seconds: float,
+) -> Schedule:
+    """The open loop's send lag over windows `first`..`last` (`seconds` long)."""
+    rows = calls.within(first, last)
+    lag = calls.start[rows] - calls.sched[rows]
+    late = int((lag > late_after_s).sum())
+    frac = late / lag.size if lag.size else 0.0
+
+    def ms(value: float) -> float:
+        return round(value * 1000, 3)
+
+    return Schedule(
+        target_rate=rate,
+        sent_rate=stats.rate(lag.size, seconds),
+        late_after_ms=late_after_s * 1000,
+        late_calls=late,
+        late_fraction=round(frac, 6),
+        lag_p50_ms=ms(float(np.percentile(lag, 50))) if lag.size else None,
+        lag_p99_ms=ms(float(np.percentile(lag, 99))) if lag.size else None,
+        lag_max_ms=ms(float(lag.max())) if lag.size else None,
+        in_flight_cap_hits=cap_hits,
+        client_fell_behind=frac > FELL_BEHIND_FRACTION or cap_hits > 0,
+    )
+
+
+def consistency(fig: Figures) -> Consistency:
+    return Consistency(
+        completed_plus_failed_is_sent=fig.completed + fig.failed == fig.sent,
+        percentiles_ordered=stats.percentiles_ordered(fig.latency_ms),
+        errors_add_up=sum(fig.errors.values()) == fig.failed,
+    )
