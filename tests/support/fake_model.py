@@ -73,7 +73,7 @@ class FakeTokenizer:
             self._counted.notify_all()
 
     def wait_encoded(self, texts: int, timeout: float = 10.0) -> bool:
-        """Waits until `texts` texts in all have been tokenised; False if `timeout` seconds passed first."""
+        """Waits until `texts` texts in all have been tokenised; False if `timeout` seconds pass first."""
         with self._counted:
             return self._counted.wait_for(lambda: self.texts_encoded >= texts, timeout)
 
@@ -114,7 +114,7 @@ class FakeBackend:
         return rng.standard_normal(self.dim).astype(np.float32)
 
     def wait_entered(self, batches: int, timeout: float = 10.0) -> bool:
-        """Waits until `batches` batches in all have reached run(); False if `timeout` seconds passed first."""
+        """Waits until `batches` batches in all have reached run(); False if `timeout` seconds pass first."""
         with self._entries:
             return self._entries.wait_for(lambda: self.entered >= batches, timeout)
 
