@@ -12,7 +12,7 @@ METRICS_PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test bench lint typecheck proto proto-check clean
+.PHONY: serve test bench lint proto docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ lint: $(VENV)/.installed
 
 proto: $(VENV)/.installed
 	$(BIN)/python -m recserve.protos
+
+# The settings table in docs/serving.md is generated from ServerSettings; tests/test_docs.py checks it.
+docs: $(VENV)/.installed
+	$(BIN)/python -m recserve.server.command --settings-markdown --write docs/serving.md
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache

@@ -1,7 +1,7 @@
 """ONNX export with optimum, ONNX Runtime transformer fusion, and the fp16 variant.
 
 NOTE: the graph ends at the encoder's token states (`last_hidden_state`) for embedding models; pooling and
-normalisation run in the server (recserve/pooling.py says why). Cross-encoders end at `logits`.
+normalisation run in the server (recserve/tensors.py says why). Cross-encoders end at `logits`.
 """
 
 from __future__ import annotations

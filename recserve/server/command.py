@@ -7,6 +7,8 @@ import sys
 import typing
 from typing import Any
 
+from pydantic.fields import FieldInfo
+
 from recserve.server.settings import ServerSettings
 
 
@@ -64,3 +66,74 @@ def run(args: argparse.Namespace) -> int:
     except (ManifestError, RuntimeSelectionError, OSError) as exc:
         print(f"recserve serve: {exc}", file=sys.stderr)
         return 2
+
+
+# The generated settings table in docs/serving.md sits between these markers (`make docs` rewrites it).
+SETTINGS_BEGIN = "<!-- settings:begin -->"
+SETTINGS_END = "<!-- settings:end -->"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _default_text(field: FieldInfo) -> str:
+    if field.is_required():
+        return "(required)"
+    if field.default_factory is not None:
+        # NOTE: calling the factory would print this machine's value (e.g. its core count) into the docs.
+        doc = (field.default_factory.__doc__ or "").strip().splitlines()
+        return doc[0] if doc else "computed at start-up"
+    default = field.default
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return str(default)
+
+
+def settings_markdown() -> str:
+    """Every ServerSettings field as a Markdown table: flag, environment variable, default, description."""
+    prefix = str(ServerSettings.model_config.get("env_prefix", ""))
+    rows = ["| flag | environment | default | what it is for |", "|---|---|---|---|"]
+    for name, field in ServerSettings.model_fields.items():
+        flag = f"`{_flag(name)}`"
+        if field.annotation is bool:
+            flag += f" / `--no-{name.replace('_', '-')}`"
+        description = field.description or ""
+        if typing.get_origin(field.annotation) is typing.Literal:
+            choices = typing.get_args(field.annotation)
+            description += "; one of " + ", ".join(f"`{choice}`" for choice in choices)
+        env = f"`{prefix}{name.upper()}`"
+        rows.append(f"| {flag} | {env} | {_cell(_default_text(field))} | {_cell(description)} |")
+    return "\n".join(rows) + "\n"
+
+
+def replace_settings_block(document: str) -> str:
+    """`document` with the text between the settings markers replaced by a fresh settings_markdown()."""
+    head, begin, rest = document.partition(SETTINGS_BEGIN)
+    _, end, tail = rest.partition(SETTINGS_END)
+    if not begin or not end:
+        raise ValueError(f"the document has no {SETTINGS_BEGIN} ... {SETTINGS_END} block")
+    return f"{head}{SETTINGS_BEGIN}\n{settings_markdown()}{SETTINGS_END}{tail}"
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m recserve.server.command", description="Print or rewrite the docs' settings table."
+    )
+    parser.add_argument("--settings-markdown", action="store_true", required=True, help="the settings table")
+    parser.add_argument("--write", metavar="FILE", help="rewrite FILE's marked block instead")
+    args = parser.parse_args(argv)
+    if args.write is None:
+        sys.stdout.write(settings_markdown())
+        return 0
+    from pathlib import Path
+
+    path = Path(args.write)
+    path.write_text(replace_settings_block(path.read_text(encoding="utf-8")), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
