@@ -84,6 +84,10 @@ class Internal(RecserveError):
     pass
 
 
+class Unauthenticated(RecserveError):
+    """The server wants a bearer token (`token=`), or another one."""
+
+
 class ProtocolError(RecserveError):
     """The server answered, but the answer does not match the request (wrong count or size)."""
 
@@ -99,6 +103,7 @@ _ERRORS: dict[grpc.StatusCode, type[RecserveError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
     grpc.StatusCode.INTERNAL: Internal,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 
@@ -288,11 +293,46 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-def _credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
-    if not tls and root_certificates is None:
-        return None
-    # None roots means the system's trust store.
-    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+@dataclass(frozen=True, slots=True)
+class _Transport:
+    """How a client reaches the server: channel credentials, channel options and per-call metadata."""
+
+    credentials: grpc.ChannelCredentials | None
+    options: list[tuple[str, Any]]
+    metadata: tuple[tuple[str, str], ...] | None
+
+
+def _transport(
+    max_message_bytes: int,
+    tls: bool,
+    root_certificates: bytes | None,
+    certificate_chain: bytes | None,
+    private_key: bytes | None,
+    server_name: str | None,
+    token: str | None,
+) -> _Transport:
+    """TLS when asked or when any TLS material is given; ValueError on half a client certificate."""
+    if (certificate_chain is None) != (private_key is None):
+        raise ValueError("pass both certificate_chain= and private_key= (mutual TLS), or neither")
+    options = channel_options(max_message_bytes)
+    secure = tls or root_certificates is not None or certificate_chain is not None
+    credentials = None
+    if secure:
+        # None roots means the system's trust store.
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain
+        )
+        if server_name is not None:
+            # Check the server's certificate against this name instead of the target's host (an IP, a proxy).
+            options.append(("grpc.ssl_target_name_override", server_name))
+    elif server_name is not None:
+        raise ValueError("server_name= applies to TLS only: pass tls=True or root_certificates=")
+    metadata = None
+    if token is not None:
+        if not token.strip():
+            raise ValueError("token= is empty")
+        metadata = (("authorization", f"Bearer {token.strip()}"),)
+    return _Transport(credentials, options, metadata)
 
 
 _HEALTH_NAMES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
@@ -301,10 +341,12 @@ _HEALTH_NAMES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.i
 class _Base:
     """What both clients share: settings, the cached Info, and the planning that needs it."""
 
-    def __init__(self, max_message_bytes: int, deadline: float | None) -> None:
+    def __init__(self, max_message_bytes: int, deadline: float | None, transport: _Transport) -> None:
         self.max_message_bytes = max_message_bytes
         self.deadline = deadline
         self._info: ServerInfo | None = None
+        # Sent with every call (the bearer token), health checks included.
+        self._metadata = transport.metadata
 
     def _budget(self, info: ServerInfo) -> int:
         limit = min(info.limits.max_message_bytes or self.max_message_bytes, self.max_message_bytes)
@@ -364,7 +406,12 @@ class _Base:
 
 
 class Client(_Base):
-    """Blocking client. `with Client("127.0.0.1:50051") as c: c.embed(["a text"])`."""
+    """Blocking client. `with Client("127.0.0.1:50051") as c: c.embed(["a text"])`.
+
+    TLS: `tls=True` (system roots) or `root_certificates=` (a CA bundle, PEM); mutual TLS adds
+    `certificate_chain=` and `private_key=`; `server_name=` checks the server's certificate against that
+    name instead of the target's host. `token=` is sent as `authorization: Bearer <token>` on every call.
+    """
 
     def __init__(
         self,
@@ -372,12 +419,18 @@ class Client(_Base):
         *,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         deadline: float | None = 30.0,
     ) -> None:
-        super().__init__(max_message_bytes, deadline)
-        creds = _credentials(tls, root_certificates)
-        opts = channel_options(max_message_bytes)
+        transport = _transport(
+            max_message_bytes, tls, root_certificates, certificate_chain, private_key, server_name, token
+        )
+        super().__init__(max_message_bytes, deadline, transport)
+        creds, opts = transport.credentials, transport.options
         self.channel: grpc.Channel = (
             grpc.insecure_channel(target, options=opts)
             if creds is None
@@ -397,7 +450,7 @@ class Client(_Base):
 
     def _call(self, method: Any, request: Any, deadline: float | None) -> Any:
         try:
-            return method(request, timeout=self._deadline(deadline))
+            return method(request, timeout=self._deadline(deadline), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
@@ -449,6 +502,8 @@ class Client(_Base):
 class AsyncClient(_Base):
     """asyncio client over grpc.aio. `async with AsyncClient(target) as c: await c.embed([...])`.
 
+    It takes the same TLS and token arguments as `Client`.
+
     The chunks of one big call run concurrently, at most `max_concurrent_chunks` at a time, so the server
     can batch them together.
     """
@@ -459,14 +514,20 @@ class AsyncClient(_Base):
         *,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         deadline: float | None = 30.0,
         max_concurrent_chunks: int = 4,
     ) -> None:
-        super().__init__(max_message_bytes, deadline)
+        transport = _transport(
+            max_message_bytes, tls, root_certificates, certificate_chain, private_key, server_name, token
+        )
+        super().__init__(max_message_bytes, deadline, transport)
         self.target = target
-        creds = _credentials(tls, root_certificates)
-        opts = channel_options(max_message_bytes)
+        creds, opts = transport.credentials, transport.options
         self.channel: grpc.aio.Channel = (
             grpc.aio.insecure_channel(target, options=opts)
             if creds is None
@@ -489,7 +550,7 @@ class AsyncClient(_Base):
 
     async def _call(self, method: Any, request: Any, deadline: float | None) -> Any:
         try:
-            return await method(request, timeout=self._deadline(deadline))
+            return await method(request, timeout=self._deadline(deadline), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 

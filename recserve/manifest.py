@@ -2,16 +2,18 @@
 
 A model repository is a directory holding `manifest.json`, one ONNX file per precision variant and the
 tokenizer files (`tokenizer.json` configured to truncate at `max_length` and not to pad). This module is
-the one place that knows its layout; it imports neither torch nor onnxruntime.
+the one place that knows its layout and what a valid one is; it imports neither torch nor onnxruntime.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from pathlib import Path
-from typing import Any, Literal
+import math
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -21,10 +23,43 @@ Task = Literal["embedding", "cross-encoder"]
 Pooling = Literal["mean", "cls", "max"]
 Precision = Literal["fp32", "fp16", "int8"]
 VARIANT_NAMES: tuple[Precision, ...] = ("fp32", "fp16", "int8")
+# The ONNX graph inputs the server knows how to feed (recserve.tensors.pad), and the output of each task.
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+REQUIRED_INPUTS = ("input_ids", "attention_mask")
+OUTPUT_NAMES: dict[Task, str] = {"embedding": "last_hidden_state", "cross-encoder": "logits"}
 
 
 class ManifestError(ValueError):
     """The directory is not a usable model repository; the message says what is wrong."""
+
+
+def _sha256_hex(value: str) -> str:
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError("must be a sha256: 64 lowercase hex digits")
+    return value
+
+
+def _relative_path(value: str) -> str:
+    # NOTE: only the spelling is checked here; Manifest.load also resolves it (symlinks followed) against
+    # the repository directory, which a pydantic validator does not know.
+    pure = PurePosixPath(value)
+    if (
+        not pure.parts
+        or "\\" in value
+        or "\x00" in value
+        or pure.is_absolute()
+        or PureWindowsPath(value).drive
+        or ".." in pure.parts
+    ):
+        raise ValueError("must be a relative path inside the repository (no leading /, no .., no backslash)")
+    return value
+
+
+Sha256 = Annotated[str, AfterValidator(_sha256_hex)]
+RelativePath = Annotated[str, AfterValidator(_relative_path)]
+Count = Annotated[int, Field(ge=0)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -32,9 +67,13 @@ class _Strict(BaseModel):
 
 
 class Parity(_Strict):
-    """How a variant compares with the PyTorch reference on the built-in parity texts."""
+    """How a variant compares with the PyTorch reference on the built-in parity texts.
 
-    texts: int
+    NOTE: the measured figures may be NaN here, so that the export's gate can reject a variant whose
+    outputs are NaN instead of failing to describe it; Manifest.load refuses them in a served repository.
+    """
+
+    texts: int = Field(ge=1)
     # Embedding models: cosine similarity of each text's vector with the reference's.
     min_cosine: float | None = None
     mean_cosine: float | None = None
@@ -42,27 +81,37 @@ class Parity(_Strict):
     max_abs_diff: float | None = None
     # Largest absolute difference between a text run alone and inside a padded batch of 32.
     batch_invariance: float
-    provider: str
+    provider: str = Field(min_length=1)
     # min_cosine must reach it (embedding); max_abs_diff must stay within it (cross-encoder).
-    threshold: float
+    threshold: Finite
     # batch_invariance must stay within it.
-    batch_invariance_threshold: float | None = None
+    batch_invariance_threshold: Finite | None = None
     passed: bool
     worst: list[dict[str, Any]] = Field(default_factory=list)
 
+    def measured(self) -> dict[str, float]:
+        """The figures measured by the gate (not the limits), by field name."""
+        figures = {
+            "min_cosine": self.min_cosine,
+            "mean_cosine": self.mean_cosine,
+            "max_abs_diff": self.max_abs_diff,
+            "batch_invariance": self.batch_invariance,
+        }
+        return {name: value for name, value in figures.items() if value is not None}
+
 
 class Variant(_Strict):
-    file: str
+    file: RelativePath
     precision: Precision
-    size_bytes: int
-    sha256: str
+    size_bytes: Count
+    sha256: Sha256
     # The ONNX Runtime execution provider this variant is meant for.
-    provider: str
+    provider: str = Field(min_length=1)
     # "fused" (ONNX Runtime transformer optimizer) or "plain" (the exporter's graph).
     graph: Literal["fused", "plain"]
-    fused_ops: dict[str, int]
+    fused_ops: dict[str, Count]
     # Seconds to run the timing workload, per graph considered (fp32 keeps the faster one).
-    timings: dict[str, float] = Field(default_factory=dict)
+    timings: dict[str, NonNegative] = Field(default_factory=dict)
     parity: Parity
     # fp16 is checked on the CPU provider everywhere and, where the exporting machine has one, on CUDA too.
     parity_cuda: Parity | None = None
@@ -71,42 +120,63 @@ class Variant(_Strict):
 
 class Source(_Strict):
     path: str
-    weights_sha256: str
+    weights_sha256: Sha256
 
 
 class ExportInfo(_Strict):
-    duration_s: float
+    duration_s: NonNegative
     versions: dict[str, str]
     created_at: str
-    steps: dict[str, float] = Field(default_factory=dict)
+    steps: dict[str, NonNegative] = Field(default_factory=dict)
     # What ONNX Runtime's transformer fusion produced, whichever graph each variant then kept.
-    fused_ops: dict[str, int] = Field(default_factory=dict)
+    fused_ops: dict[str, Count] = Field(default_factory=dict)
     # Variants asked for but not written, with the reason (a failed parity gate, say).
     rejected: dict[str, str] = Field(default_factory=dict)
 
 
 class Manifest(_Strict):
     format_version: int = FORMAT_VERSION
-    model_name: str
+    model_name: str = Field(min_length=1)
     source: Source
     task: Task
     architecture: str
     model_type: str
-    hidden_size: int
+    hidden_size: int = Field(ge=1)
     # Vector dimension (embedding) or number of logits (cross-encoder).
-    output_dim: int
+    output_dim: int = Field(ge=1)
     # Embedding models only; the server pools the encoder's token states (see export/onnx_export.py).
     pooling: Pooling | None
     normalize: bool
-    max_length: int
-    pad_token_id: int
+    # At least [CLS] and [SEP].
+    max_length: int = Field(ge=2)
+    pad_token_id: int = Field(ge=0)
     # ONNX graph input names, in the order the server feeds them.
-    inputs: list[str]
+    inputs: list[str] = Field(min_length=1)
     # "last_hidden_state" (embedding) or "logits" (cross-encoder).
     output_name: str
-    tokenizer_file: str = TOKENIZER_FILE
+    tokenizer_file: RelativePath = TOKENIZER_FILE
     variants: dict[Precision, Variant]
     export: ExportInfo
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        unknown = [name for name in self.inputs if name not in INPUT_NAMES]
+        missing = [name for name in REQUIRED_INPUTS if name not in self.inputs]
+        if unknown or missing or len(set(self.inputs)) != len(self.inputs):
+            raise ValueError(
+                f"inputs {self.inputs}: each must be one of {', '.join(INPUT_NAMES)}, named once, and "
+                f"{' and '.join(REQUIRED_INPUTS)} are required"
+            )
+        if self.output_name != OUTPUT_NAMES[self.task]:
+            raise ValueError(
+                f"output_name {self.output_name!r} must be {OUTPUT_NAMES[self.task]!r} for task {self.task}"
+            )
+        if (self.pooling is None) != (self.task == "cross-encoder"):
+            raise ValueError(f"pooling {self.pooling!r}: an embedding model needs one, a cross-encoder none")
+        for key, variant in self.variants.items():
+            if variant.precision != key:
+                raise ValueError(f"variants.{key}.precision is {variant.precision!r}; it must be {key!r}")
+        return self
 
     def write(self, directory: Path) -> Path:
         path = directory / MANIFEST_FILE
@@ -115,7 +185,11 @@ class Manifest(_Strict):
 
     @classmethod
     def load(cls, directory: Path) -> Manifest:
-        """Reads and validates `directory/manifest.json`; ManifestError names what is wrong."""
+        """Reads and validates `directory/manifest.json`; ManifestError names what is wrong, in one line.
+
+        Beyond the schema: every path in it stays inside `directory` once resolved (symlinks followed),
+        and the parity figures are finite numbers.
+        """
         path = directory / MANIFEST_FILE
         if not directory.is_dir():
             raise ManifestError(f"model repository {directory} does not exist or is not a directory")
@@ -123,10 +197,90 @@ class Manifest(_Strict):
             raise ManifestError(f"{directory} is not a model repository: {MANIFEST_FILE} is missing")
         try:
             manifest = cls.model_validate_json(path.read_text())
-        except ValueError as exc:
-            raise ManifestError(f"{path} is not a valid manifest: {exc}") from exc
+        except ValidationError as exc:
+            raise ManifestError(f"{path} is not a valid manifest: {describe_error(exc)}") from None
+        except (OSError, ValueError) as exc:
+            raise ManifestError(f"{path} cannot be read: {exc}") from None
         if manifest.format_version != FORMAT_VERSION:
             raise ManifestError(
                 f"{path} has format_version {manifest.format_version}; this server reads {FORMAT_VERSION}"
             )
+        for field, relative in manifest.paths().items():
+            _check_inside(directory, field, relative, path)
+        for key, variant in manifest.variants.items():
+            for name, parity in (("parity", variant.parity), ("parity_cuda", variant.parity_cuda)):
+                for figure, value in (parity.measured() if parity else {}).items():
+                    if not math.isfinite(value):
+                        raise ManifestError(
+                            f"{path} is not a valid manifest: variants.{key}.{name}.{figure}: "
+                            f"must be a finite number (got {value})"
+                        )
         return manifest
+
+    def paths(self) -> dict[str, str]:
+        """Every file the manifest names, relative to the repository, by the field that names it."""
+        named = {"tokenizer_file": self.tokenizer_file}
+        named.update({f"variants.{key}.file": variant.file for key, variant in self.variants.items()})
+        return named
+
+
+def _check_inside(directory: Path, field: str, relative: str, manifest_path: Path) -> None:
+    try:
+        root = directory.resolve(strict=True)
+        target = (directory / relative).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise ManifestError(f"{manifest_path}: {field} {relative!r} cannot be resolved: {exc}") from None
+    if not target.is_relative_to(root):
+        raise ManifestError(
+            f"{manifest_path}: {field} {relative!r} resolves to {target}, outside the repository {root}; "
+            "every file must lie inside the repository"
+        )
+
+
+def describe_error(exc: ValidationError) -> str:
+    """The first error of `exc` in one line: which field, what it should be, and the value it got."""
+    errors = exc.errors()
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"]) or "manifest"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "missing":
+        text = f"{where}: missing (required)"
+    elif first["type"] == "json_invalid":
+        text = f"not valid JSON: {message}"
+    elif first["loc"]:
+        shown = repr(first["input"])
+        text = f"{where}: {message} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
+    else:
+        text = message
+    more = len(errors) - 1
+    return text + (f" (and {more} more error{'s' if more > 1 else ''})" if more else "")
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, as the manifest records it (lowercase hex)."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_variant(directory: Path, variant: Variant) -> str:
+    """Checks a variant's file against the manifest (size, then sha256); returns the hash it computed.
+
+    ManifestError names the file, what the manifest says and what the file holds.
+    """
+    path = directory / variant.file
+    try:
+        size = path.stat().st_size
+        if size != variant.size_bytes:
+            raise ManifestError(
+                f"model file {path} has {size} bytes but the manifest says {variant.size_bytes}: "
+                "it is truncated or was replaced; re-export the repository"
+            )
+        actual = file_sha256(path)
+    except OSError as exc:
+        raise ManifestError(f"model file {path} cannot be read: {exc.strerror or exc}") from None
+    if actual != variant.sha256:
+        raise ManifestError(
+            f"model file {path} does not match the manifest: sha256 {actual[:12]}..., expected "
+            f"{variant.sha256[:12]}...; the file is corrupt or was replaced: re-export the repository"
+        )
+    return actual

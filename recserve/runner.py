@@ -6,6 +6,7 @@ and texts through `TextRunner`, so the gate tests the code that serves.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,25 +79,45 @@ class Runner:
         self.spec = spec
         self.provider: str = session.get_providers()[0]
         self._io_binding = self.provider == CUDA
+        # The options of the runs in progress, so that terminate() can stop them (one per calling thread).
+        self._running: set[ort.RunOptions] = set()
+        self._lock = threading.Lock()
 
     def feeds(self, batch: Sequence[Encoded]) -> tuple[Feeds, IntArray]:
         return tensors.pad(batch, self.spec.pad_token_id, self.spec.inputs)
 
     def run_feeds(self, feeds: Feeds) -> np.ndarray:
-        """The graph's raw output for `feeds`, blocking."""
+        """The graph's raw output for `feeds`, blocking; raises if terminate() stops it."""
         output = self.spec.output_name
-        if not self._io_binding:
-            result: np.ndarray = self.session.run([output], feeds)[0]
-            return result
-        # CUDA: each input is copied to the device once, and the output is written straight into host
-        # memory, instead of ORT staging both through extra buffers.
-        binding = self.session.io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, array)
-        binding.bind_output(output, "cpu")
-        self.session.run_with_iobinding(binding)
-        copied: np.ndarray = binding.copy_outputs_to_cpu()[0]
-        return copied
+        options = ort.RunOptions()
+        with self._lock:
+            self._running.add(options)
+        try:
+            if not self._io_binding:
+                result: np.ndarray = self.session.run([output], feeds, options)[0]
+                return result
+            # CUDA: each input is copied to the device once, and the output is written straight into host
+            # memory, instead of ORT staging both through extra buffers.
+            binding = self.session.io_binding()
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, array)
+            binding.bind_output(output, "cpu")
+            self.session.run_with_iobinding(binding, options)
+            copied: np.ndarray = binding.copy_outputs_to_cpu()[0]
+            return copied
+        finally:
+            with self._lock:
+                self._running.discard(options)
+
+    def terminate(self) -> None:
+        """Stops the runs in progress at their next operator (they raise); later runs are not affected.
+
+        For a shutdown whose grace period is over: a long batch on a CPU can take seconds, and nobody is
+        waiting for its answer any more.
+        """
+        with self._lock:
+            for options in self._running:
+                options.terminate = True
 
     def finish(self, output: np.ndarray, mask: IntArray) -> FloatArray:
         """Raw output -> one row per item: the pooled vector (embedding) or the logits (cross-encoder)."""

@@ -8,6 +8,7 @@ import logging
 import math
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -42,6 +43,7 @@ class FakeModel:
         self.gate.set()
         self.fail_tags: set[int] = set()
         self.wrong_row_count = False
+        self.delay_s = 0.0  # per batch, so that the batcher measures a modest token rate
         self.active = 0
         self.max_active = 0
         self._entered = threading.Semaphore(0)
@@ -57,6 +59,8 @@ class FakeModel:
         try:
             if not self.gate.wait(timeout=10):
                 raise TimeoutError("the test never opened the gate")
+            if self.delay_s:
+                time.sleep(self.delay_s)
             if any(tag in self.fail_tags for tag, _ in texts):
                 raise RuntimeError("model exploded: CUDA error 700 at 0xdeadbeef")
             rows = np.array([row(tag, length) for tag, length in texts], dtype=np.float32)
@@ -352,6 +356,83 @@ async def test_reserved_room_counts_against_the_queue_until_used_or_released(har
     harness.model.gate.set()
     await asyncio.wait_for(asyncio.gather(blocked, queued, also), 5)
     assert sorted(harness.model.tags()) == [3, 4, 5, 6, BLOCKER]
+
+
+async def test_a_call_behind_a_large_one_is_served_within_a_batch_or_two(harness: Harness) -> None:
+    """Fairness: the window and the batch anchor go round the calls, not through the large one first."""
+    batcher = await harness.start(max_batch_size=8, window_texts=16, max_delay_s=0.0)
+    blocked = await harness.occupy_model(batcher)
+    large = batcher.submit([text(1000 + i, 4 + i % 5) for i in range(200)])
+    small = batcher.submit([text(7, 6)])
+    harness.model.gate.set()
+    await settle(blocked)
+    await settle(small)
+    batches_with_small = [i for i, b in enumerate(harness.model.batches) if (7, 6) in b]
+    # Batch 0 is the blocker; the small call rides in the first or second batch after it.
+    assert batches_with_small and batches_with_small[0] <= 2
+    result = await settle(large)
+    assert [int(r[0]) for r in result.rows] == [1000 + i for i in range(200)]  # whole and in order
+
+
+async def measure_rate(batcher: Batcher) -> float:
+    """Runs a few batches of 20 tokens, so that the batcher knows its token rate; returns it."""
+    for tag in range(4):
+        await settle(batcher.submit([text(tag, 10), text(tag, 10)]))
+    return batcher.stats.tokens_per_second
+
+
+async def test_admission_refuses_what_cannot_finish_in_time(harness: Harness) -> None:
+    """Queued work in seconds (queued tokens / measured rate) is held against the deadline and a bound."""
+    harness.model.delay_s = 0.01
+    batcher = await harness.start(max_batch_size=2, max_delay_s=0.0, max_queue_seconds=30.0)
+    tight = await harness.start(max_batch_size=2, max_delay_s=0.0, max_queue_seconds=1.0)
+    rate = await measure_rate(batcher)
+    assert 0 < rate < 20 / 0.01 * 1.5
+    tight_rate = await measure_rate(tight)
+    blocked = await harness.occupy_model(batcher)
+    queued = batcher.submit([text(100 + i, 100) for i in range(int(rate * 3 / 100) + 1)])  # >= 3 s of work
+    now = asyncio.get_running_loop().time()
+    with pytest.raises(Overloaded, match="deadline leaves"):
+        batcher.reserve(1, deadline=now + 1.0)
+    with pytest.raises(Overloaded, match="deadline leaves"):
+        batcher.submit([text(8, 5)], deadline=now + 1.0)
+    batcher.reserve(1, deadline=now + 1000.0).release()  # a generous deadline is admitted
+    batcher.reserve(1).release()  # so is a call without one, within max_queue_seconds
+    tight.submit([text(200 + i, 100) for i in range(int(tight_rate * 2 / 100) + 1)])  # >= 2 s of work
+    with pytest.raises(Overloaded, match="more than this server queues"):
+        tight.reserve(1)
+    harness.model.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocked, queued), 30)
+
+
+async def test_an_expired_call_is_answered_at_its_deadline_while_the_model_is_busy(harness: Harness) -> None:
+    batcher = await harness.start(max_delay_s=0.0, max_concurrent_batches=1)
+    blocked = await harness.occupy_model(batcher)
+    loop = asyncio.get_running_loop()
+    expiring = batcher.submit([text(1, 5), text(2, 5), text(3, 5)], deadline=loop.time() + 0.05)
+    with pytest.raises(DeadlineExceeded):
+        await settle(expiring)  # the model is still held: the batcher answered it on its own clock
+    assert batcher.stats.queued_texts == 0
+    assert harness.observer.dropped_texts == [("deadline", 3)]
+    harness.model.gate.set()
+    await settle(blocked)
+    assert harness.model.tags() == [BLOCKER]
+
+
+async def test_a_cancelled_call_frees_its_queue_room_at_once(harness: Harness) -> None:
+    batcher = await harness.start(max_queue_texts=4, max_delay_s=0.0)
+    blocked = await harness.occupy_model(batcher)
+    gone = batcher.submit([text(1, 5), text(2, 5), text(3, 5), text(4, 5)])
+    with pytest.raises(Overloaded):
+        batcher.reserve(1)
+    gone.cancel()
+    await asyncio.sleep(0)  # the future's done callbacks run on the next turn of the loop
+    assert batcher.stats.queued_texts == 0
+    assert harness.observer.dropped_texts == [("cancelled", 4)]
+    after = batcher.submit([text(5, 5)])
+    harness.model.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocked, after), 5)
+    assert harness.model.tags() == [BLOCKER, 5]
 
 
 async def test_loop_death_fails_pending_calls_and_reports_fatal(

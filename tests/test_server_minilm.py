@@ -64,10 +64,10 @@ def test_embed_matches_sentence_transformers(minilm_repo: Path, minilm_reference
     assert _min_cosine(one_per_call, minilm_reference) >= 0.99999
 
 
-def _start(repo: Path) -> tuple[subprocess.Popen[str], str]:
+def _start(repo: Path, grace_s: float = 60.0) -> tuple[subprocess.Popen[str], str]:
     cmd = [
         sys.executable, "-m", "recserve.cli", "serve", "--model-repo", str(repo), "--port", "0",
-        "--metrics-port", "0", "--log-format", "json", "--grace-period-s", "60",
+        "--metrics-port", "0", "--log-format", "json", "--grace-period-s", str(grace_s),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
@@ -117,6 +117,36 @@ def test_sigterm_drains_calls_in_flight_then_exits_0(minilm_repo: Path) -> None:
         for call in calls:
             assert _vectors(call.result(timeout=120), len(long_texts)).shape == (64, 384)
         assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_sigterm_with_a_short_grace_exits_soon_after_it(minilm_repo: Path) -> None:
+    """Calls still running when the grace ends are cut off: the process exits within grace + 0.5 s."""
+    proc, address = _start(minilm_repo, grace_s=1.0)
+    try:
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(address))
+        long_texts = [f"{i} " + "a long product description with many words " * 40 for i in range(256)]
+        pool = ThreadPoolExecutor(max_workers=6)
+        calls = [pool.submit(stub.Embed, pb.EmbedRequest(texts=long_texts)) for _ in range(6)]
+        time.sleep(0.5)  # let the calls reach the server
+        assert not any(c.done() for c in calls), "calls finished before the signal: make them longer"
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        took = time.monotonic() - signalled
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as cut:
+                call.result(timeout=30)
+            assert cut.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        assert took <= 1.5, f"exited {took:.2f} s after SIGTERM with a 1 s grace"
+        assert proc.stderr is not None
+        events = [json.loads(line) for line in proc.stderr.read().splitlines() if line.strip()]
+        assert not [e for e in events if e.get("level") in ("error", "critical")], events
     finally:
         if proc.poll() is None:
             proc.kill()

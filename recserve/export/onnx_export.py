@@ -15,7 +15,7 @@ from pathlib import Path
 
 from recserve.export.checkpoint import Checkpoint
 from recserve.export.errors import ExportError
-from recserve.manifest import Task
+from recserve.manifest import OUTPUT_NAMES, Task
 
 # Contrib operators the ONNX Runtime transformer optimizer fuses BERT subgraphs into.
 FUSED_OP_TYPES = (
@@ -27,7 +27,6 @@ FUSED_OP_TYPES = (
     "FastGelu",
     "Gelu",
 )
-OUTPUT_NAMES: dict[Task, str] = {"embedding": "last_hidden_state", "cross-encoder": "logits"}
 _OPTIMUM_TASKS: dict[Task, str] = {"embedding": "feature-extraction", "cross-encoder": "text-classification"}
 # Fed by the server in this order when the graph has them.
 _INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")

@@ -20,6 +20,7 @@ from recserve.export.checkpoint import Checkpoint, inspect_checkpoint, weights_s
 from recserve.export.errors import ExportError, ParityFailure
 from recserve.export.parity_texts import parity_pairs, parity_texts
 from recserve.manifest import (
+    OUTPUT_NAMES,
     TOKENIZER_FILE,
     ExportInfo,
     Manifest,
@@ -28,6 +29,7 @@ from recserve.manifest import (
     Source,
     Task,
     Variant,
+    file_sha256,
 )
 from recserve.runner import CPU, CUDA, GraphSpec, TextRunner
 from recserve.tensors import FloatArray, Item
@@ -131,7 +133,7 @@ def export(options: ExportOptions, echo: Callable[[str], None] = print) -> Expor
         spec = GraphSpec(
             task=task,
             inputs=tuple(inputs),
-            output_name=onnx_export.OUTPUT_NAMES[task],
+            output_name=OUTPUT_NAMES[task],
             pooling=checkpoint.pooling if task == "embedding" else None,
             normalize=checkpoint.normalize if task == "embedding" else False,
             pad_token_id=pad_id,
@@ -300,7 +302,7 @@ def _place_variant(
         file=final.name,
         precision=precision,
         size_bytes=final.stat().st_size,
-        sha256=repository.file_sha256(final),
+        sha256=file_sha256(final),
         provider=PROVIDERS[precision],
         graph=built.graphs[precision],
         fused_ops=onnx_export.count_fused_ops(final),

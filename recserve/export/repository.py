@@ -6,7 +6,6 @@ end, so a failed or interrupted export never leaves a half-written repository wh
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -95,11 +94,3 @@ def save_tokenizer(model_dir: Path, out: Path, max_length: int) -> int:
     fast.save(str(path))
     pad_id = tokenizer.pad_token_id
     return int(pad_id) if pad_id is not None else 0
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -23,13 +23,13 @@ from prometheus_client import CollectorRegistry
 
 from recserve.server.batcher import Batcher, BatcherConfig
 from recserve.server.engine import Engine, Limits
-from recserve.server.metrics import Metrics, serve_metrics
+from recserve.server.metrics import Metrics, MetricsServer, serve_metrics
 from recserve.server.model import Backend, Model
-from recserve.server.service import SERVICE_NAME, InferenceService, build_info
+from recserve.server.security import Security
+from recserve.server.service import SERVICE_NAME, InferenceService, add_to_server, build_info
 from recserve.server.settings import ServerSettings
 from recserve.tensors import Encoded
 from recserve.v1 import inference_pb2 as pb
-from recserve.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class RunningServer:
     metrics: Metrics
     health: health.aio.HealthServicer
     grpc_server: grpc.aio.Server
+    metrics_server: MetricsServer | None = None
+    security: Security | None = None
 
     @property
     def address(self) -> str:
@@ -116,6 +118,7 @@ async def running_server(
     """
     manifest, backend = model.manifest, model.backend
     loop = asyncio.get_running_loop()
+    security = Security.from_settings(settings)
     metrics = Metrics(registry)
     metrics.set_model(
         manifest.model_name, manifest.source.weights_sha256, backend.precision, backend.provider
@@ -123,7 +126,7 @@ async def running_server(
     tokenize_executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
     model_executor = ThreadPoolExecutor(max_workers=backend.concurrent_batches, thread_name_prefix="model")
     health_servicer = health.aio.HealthServicer()
-    grpc_server = grpc.aio.server(options=grpc_options(settings))
+    grpc_server = grpc.aio.server(options=grpc_options(settings), interceptors=security.interceptors(metrics))
 
     def on_fatal(exc: BaseException) -> None:
         # The batch loop died: every later call would hang, so refuse them and tell the probes.
@@ -157,25 +160,42 @@ async def running_server(
         max_batch_size=settings.max_batch_size,
         max_queue_texts=settings.max_queue_texts,
     )
-    info = build_info(manifest, backend.precision, backend.provider, limits)
+    info = build_info(manifest, backend.precision, backend.provider, limits, backend.verified_sha256)
     servicer = InferenceService(engine, metrics, info)
-    pb_grpc.add_InferenceServicer_to_server(servicer, grpc_server)  # type: ignore[no-untyped-call]
+    add_to_server(servicer, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         grpc_server,
     )
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = security.add_port(grpc_server, f"{settings.host}:{settings.port}")
     if port == 0:
         raise OSError(f"could not bind gRPC to {settings.host}:{settings.port}")
-    metrics_port, metrics_http = (None, None)
-    if settings.metrics_port is not None:
-        metrics_port, metrics_http = serve_metrics(metrics, settings.host, settings.metrics_port)
+    if security.token is not None and security.tls is None:
+        log.warning("token auth without TLS: the token crosses the network in plain text")
+    metrics_server = None
+    if settings.metrics and settings.metrics_port is not None:
+        metrics_server = await serve_metrics(metrics, settings.metrics_host, settings.metrics_port)
+    metrics_address = None
+    if metrics_server is not None:
+        metrics_address = "{}:{}".format(*metrics_server.address)
     await grpc_server.start()
-    log.info("listening", extra={"address": f"{settings.host}:{port}", "metrics_port": metrics_port})
+    log.info(
+        "listening",
+        extra={"address": f"{settings.host}:{port}", "metrics": metrics_address, **security.describe()},
+    )
     running = RunningServer(
-        settings, port, metrics_port, engine, model, metrics, health_servicer, grpc_server
+        settings,
+        port,
+        None if metrics_server is None else metrics_server.address[1],
+        engine,
+        model,
+        metrics,
+        health_servicer,
+        grpc_server,
+        metrics_server,
+        security,
     )
     try:
         await batcher.start()
@@ -203,14 +223,18 @@ async def running_server(
         # the drain instead of a refused connection.
         drained = await engine.wait_idle(settings.grace_period_s)
         if not drained:
-            log.warning("grace period over with calls in flight; they are cancelled")
+            log.warning("grace period over with calls in flight; they are cut off")
+            engine.cut_off()  # each caller still gets its answer: UNAVAILABLE
         await batcher.stop(drain=drained, timeout=1.0)
+        if not drained:
+            # The batches still running have nobody waiting for them; a long one takes seconds on a CPU.
+            backend.stop_running()
+            await engine.wait_idle(1.0)
         await grpc_server.stop(0 if not drained else 1.0)
         tokenize_executor.shutdown(wait=True, cancel_futures=True)
         model_executor.shutdown(wait=True, cancel_futures=True)
-        if metrics_http is not None:
-            metrics_http.shutdown()  # type: ignore[attr-defined]
-            metrics_http.server_close()  # type: ignore[attr-defined]
+        if metrics_server is not None:
+            await metrics_server.close()
         log.info("stopped")
 
 
@@ -228,8 +252,12 @@ async def serve(settings: ServerSettings) -> int:
     # Imported here: the composition root above never needs onnxruntime, the real model does.
     from recserve.server.runtime import load_model
 
+    # Fails on an unusable TLS or token file before the model loads (running_server reads them again).
+    Security.from_settings(settings)
     model = await loop.run_in_executor(None, load_model, settings)
-    async with running_server(settings, model):
+    async with running_server(settings, model) as running:
+        assert running.security is not None
+        loop.add_signal_handler(signal.SIGHUP, running.security.reload)
         await stop.wait()
         log.info("signal received, shutting down")
     return 0

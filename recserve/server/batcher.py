@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import heapq
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -22,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 # How many recent batches the throughput estimate (and so the backlog gauge) looks back over.
 _RATE_BATCHES = 64
+# Admission by time keeps this share of a call's remaining deadline for its queue wait and its own work:
+# the estimate is an average, and a call admitted at the edge would often just miss its deadline.
+_DEADLINE_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,9 @@ class BatcherConfig:
     """A batch leaves at most this long after its oldest member arrived (if an execution slot is free)."""
     max_queue_texts: int = 4096
     """Texts waiting, all requests together; a submit that would exceed it fails at once (Overloaded)."""
+    max_queue_seconds: float = 5.0
+    """Seconds of queued work (queued tokens / measured rate) a call may wait behind; a call that would
+    wait longer, or could not finish within 80% of its own deadline, fails at once (Overloaded)."""
     window_texts: int = 256
     """Look-ahead: the oldest this many queued texts are sorted by length before a batch is cut."""
     max_concurrent_batches: int = 1
@@ -57,6 +65,8 @@ class BatcherConfig:
             raise ValueError(f"max_delay_s must be >= 0, got {self.max_delay_s}")
         if not self.max_padding_ratio >= 1.0:
             raise ValueError(f"max_padding_ratio must be >= 1, got {self.max_padding_ratio}")
+        if not self.max_queue_seconds > 0.0:
+            raise ValueError(f"max_queue_seconds must be > 0, got {self.max_queue_seconds}")
 
     @classmethod
     def from_settings(cls, settings: ServerSettings, max_concurrent_batches: int = 1) -> BatcherConfig:
@@ -67,6 +77,7 @@ class BatcherConfig:
             max_batch_tokens=settings.max_batch_tokens,
             max_delay_s=settings.max_delay_ms / 1000,
             max_queue_texts=settings.max_queue_texts,
+            max_queue_seconds=settings.max_queue_seconds,
             window_texts=settings.window_texts,
             max_concurrent_batches=max_concurrent_batches,
             max_padding_ratio=settings.max_padding_ratio,
@@ -239,10 +250,14 @@ class _Request:
         "due",
         "first_start",
         "future",
+        "in_window",
+        "last_batch",
         "pending",
         "queued",
         "rows",
+        "seq",
         "size",
+        "waiting",
     )
 
     def __init__(
@@ -252,9 +267,11 @@ class _Request:
         arrival: float,
         due: float,
         deadline: float | None,
+        seq: int,
     ) -> None:
         self.future = future
         self.arrival = arrival
+        self.seq = seq  # arrival order, for ties
         # When a batch holding this request's texts must leave: computed once, here, on the loop's clock.
         self.due = due
         self.deadline = deadline
@@ -264,6 +281,9 @@ class _Request:
         self.dropped = False
         self.first_start: float | None = None
         self.rows: FloatArray | None = None
+        self.waiting: deque[_Item] = deque()  # its texts not yet in the look-ahead window, in order
+        self.in_window = 0  # its texts in the window
+        self.last_batch = -1  # the number of the last batch that took one of its texts; -1: none yet
 
 
 @dataclass(slots=True)
@@ -273,11 +293,21 @@ class _Item:
     request: _Request
     index: int  # its position in the request
     encoded: Encoded
-    # Planning length: an (impossible) empty encoding still occupies a row, and must not divide by zero.
     length: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.length = max(1, self.encoded.length)
+        self.length = _planned(self.encoded)
+
+
+def _turn(item: _Item) -> tuple[int, int, int]:
+    """Whose text anchors the next batch: the request served least recently, then the oldest, then its
+    first text."""
+    return item.request.last_batch, item.request.seq, item.index
+
+
+def _planned(encoded: Encoded) -> int:
+    """Planning length: an (impossible) empty encoding still occupies a row, and must not divide by zero."""
+    return max(1, encoded.length)
 
 
 class Batcher:
@@ -306,9 +336,14 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
-        # The queue in arrival order: the look-ahead window (its head), then everything behind it.
+        # The queue: the look-ahead window that batches are cut from, and behind it the requests whose
+        # texts wait to enter it (in arrival order), see _refill.
         self._window: list[_Item] = []
-        self._backlog: deque[_Item] = deque()
+        self._backlog: deque[_Request] = deque()
+        # (deadline, seq, request) of queued requests with a deadline, soonest first, to expire them on time.
+        self._deadlines: list[tuple[float, int, _Request]] = []
+        self._seq = itertools.count()
+        self._batches_cut = 0
         self._queued_texts = 0
         self._queued_tokens = 0
         self._reserved_texts = 0  # admitted, still being tokenised (see Reservation)
@@ -330,15 +365,42 @@ class Batcher:
         self._task = self._loop.create_task(self._run(), name="recserve-batcher")
         self._task.add_done_callback(self._loop_exited)
 
-    def reserve(self, texts: int) -> Reservation:
+    def reserve(self, texts: int, deadline: float | None = None) -> Reservation:
         """Admits a call of `texts` texts before any work is spent on it, or refuses it at once.
 
         Raises Overloaded when the queued and reserved texts leave no room for them within
-        `max_queue_texts`, Unavailable when stopping, stopped or dead.
+        `max_queue_texts`, or when the queued work alone would outlast `max_queue_seconds` or the call's
+        `deadline` (absolute, on the loop's clock); DeadlineExceeded when that has passed already;
+        Unavailable when stopping, stopped or dead.
         """
         self._check_room(texts, 0)
+        assert self._loop is not None  # _check_room refuses a batcher that was never started
+        if deadline is not None and self._loop.time() >= deadline:
+            raise DeadlineExceeded("the deadline passed before the call was admitted")
+        self._check_time(0, deadline)
         self._reserved_texts += texts
         return Reservation(self, texts)
+
+    def _check_time(self, own_tokens: int, deadline: float | None) -> None:
+        """Admission by time: the queued work (and the call's own) must fit its deadline and the bound."""
+        rate = self.stats.tokens_per_second
+        if rate <= 0.0:
+            return  # nothing measured yet: only the count bound applies
+        assert self._loop is not None
+        wait = self._queued_tokens / rate
+        if wait > self._config.max_queue_seconds:
+            raise Overloaded(
+                f"the queue holds about {wait:.2f} s of work, more than this server queues "
+                f"({self._config.max_queue_seconds:g} s): retry later or on another replica"
+            )
+        if deadline is not None:
+            left = deadline - self._loop.time()
+            needed = wait + own_tokens / rate
+            if needed > _DEADLINE_SHARE * left:
+                raise Overloaded(
+                    f"this call would need about {needed:.2f} s here (queue and its own work) and its "
+                    f"deadline leaves {max(left, 0.0):.2f} s: retry elsewhere or with a longer deadline"
+                )
 
     def _check_room(self, texts: int, held: int) -> None:
         if self._loop is None or self._closing or self._dead:
@@ -363,19 +425,30 @@ class Batcher:
         if size == 0:
             raise ValueError("submit needs at least one item")  # callers validate; this is a bug guard
         self._check_room(size, room.texts if room is not None else 0)
-        if room is not None:
-            room.release()
         assert self._loop is not None  # _check_room refuses a batcher that was never started
         now = self._loop.time()
         if deadline is not None and now >= deadline:
             self._observer.dropped("deadline", size)
             raise DeadlineExceeded("the deadline passed before the request was queued")
+        self._check_time(sum(_planned(encoded) for encoded in items), deadline)
+        if room is not None:
+            room.release()
         future: asyncio.Future[BatchResult] = self._loop.create_future()
-        request = _Request(future, size, now, now + self._config.max_delay_s, deadline)
+        request = _Request(future, size, now, now + self._config.max_delay_s, deadline, next(self._seq))
         for index, encoded in enumerate(items):
             item = _Item(request, index, encoded)
-            self._backlog.append(item)
+            request.waiting.append(item)
             self._queued_tokens += item.length
+        self._backlog.append(request)
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, request.seq, request))
+            if len(self._deadlines) > 64 + 2 * len(self._backlog) + len(self._window):
+                # Answered requests stay in the heap until their deadline; prune them so that it (and the
+                # rows they hold) cannot grow with the call rate times the deadline.
+                self._deadlines = [entry for entry in self._deadlines if not entry[2].future.done()]
+                heapq.heapify(self._deadlines)
+        # A caller that goes away frees its queue room at once, not when its texts reach the window.
+        future.add_done_callback(lambda f: self._abandoned(request) if f.cancelled() else None)
         self._queued_texts += size
         self._observer.queue_changed(self._queued_texts, self._queued_tokens)
         self._wake.set()
@@ -424,16 +497,23 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            now = loop.time()
             wake_at: float | None = None
             if self._running < self._config.max_concurrent_batches:
-                now = loop.time()
                 batch, wake_at = self._cut(now)
                 if batch is not None:
                     self._launch(batch, now)
                     continue
                 if self._closing and self._queued_texts == 0:
                     return
-            # Sleep until a submit, a finished batch or stop() wakes us, or the oldest text falls due.
+            else:
+                # No slot to cut a batch into: still answer calls whose deadline passes meanwhile.
+                self._expire(now)
+            if self._deadlines:
+                soonest = self._deadlines[0][0]
+                wake_at = soonest if wake_at is None else min(wake_at, soonest)
+            # Sleep until a submit, a finished batch or stop() wakes us, or the oldest text falls due, or
+            # a queued call's deadline passes.
             self._wake.clear()
             try:
                 async with asyncio.timeout_at(wake_at):
@@ -442,70 +522,118 @@ class Batcher:
                 pass
 
     def _cut(self, now: float) -> tuple[list[_Item] | None, float | None]:
-        """Returns the next batch if it should leave now, else None and when it falls due."""
+        """Returns the next batch if it should leave now, else None and when it falls due.
+
+        Fairness: the batch is anchored on a text of the request served least recently (ties: the oldest),
+        so that a call with thousands of texts shares the model batch by batch with the calls behind it
+        instead of holding them for its whole duration. A request of one text, or a stream of them, is
+        served in arrival order.
+        """
         self._refill(now)
         window = self._window
         if not window:
             return None, None
         config = self._config
-        # Stable, so texts of equal length keep their arrival order.
+        # Stable, so texts of equal length keep their order in the window.
         order = sorted(range(len(window)), key=lambda i: window[i].length)
         lengths = [window[i].length for i in order]
-        oldest = window[0]
+        anchor = min(range(len(order)), key=lambda k: _turn(window[order[k]]))
         start, stop, closed = cut_batch(
-            lengths, order.index(0), config.max_batch_size, config.max_batch_tokens, config.max_padding_ratio
+            lengths, anchor, config.max_batch_size, config.max_batch_tokens, config.max_padding_ratio
         )
+        due = min(item.request.due for item in window)
         # NOTE: a full window leaves at once too: texts arriving now land behind it and could not join.
-        ready = closed or len(window) >= config.window_texts or now >= oldest.request.due or self._closing
+        ready = closed or len(window) >= config.window_texts or now >= due or self._closing
         if not ready:
-            return None, oldest.request.due
+            return None, due
         chosen = set(order[start:stop])
         batch = [window[i] for i in order[start:stop]]  # shortest first
         self._window = [item for i, item in enumerate(window) if i not in chosen]
+        self._batches_cut += 1
         for item in batch:
+            item.request.last_batch = self._batches_cut
             self._dequeue(item)
         self._observer.queue_changed(self._queued_texts, self._queued_tokens)
         return batch, None
 
     def _refill(self, now: float) -> None:
-        """Drops dead texts from the window and tops it up from the backlog, keeping arrival order."""
+        """Drops dead texts from the window and tops it up from the requests behind it.
+
+        The request with the fewest texts in the window goes first (ties: the oldest), one text at a time:
+        a call that arrives behind a large one gets into the window as soon as a batch frees room, rather
+        than after every text of the large call.
+        """
         before = self._queued_texts
+        self._expire(now)
         window = [item for item in self._window if self._keep(item, now)]
-        limit = self._config.window_texts
-        while len(window) < limit and self._backlog:
-            item = self._backlog.popleft()
-            if self._keep(item, now):
-                window.append(item)
+        free = self._config.window_texts - len(window)
+        if free > 0 and self._backlog:
+            active = [r for r in self._backlog if r.waiting and self._alive(r, now)]
+            while free > 0 and active:
+                level = min(r.in_window for r in active)
+                for request in active:
+                    if request.in_window == level and free > 0:
+                        window.append(request.waiting.popleft())
+                        request.in_window += 1
+                        free -= 1
+                active = [r for r in active if r.waiting]
+            self._backlog = deque(r for r in self._backlog if r.waiting)
         self._window = window
         if self._queued_texts != before:
             self._observer.queue_changed(self._queued_texts, self._queued_tokens)
 
+    def _expire(self, now: float) -> None:
+        """Fails every queued request whose deadline has passed, and frees its room."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, request = heapq.heappop(self._deadlines)
+            self._alive(request, now)
+
+    def _abandoned(self, request: _Request) -> None:
+        """A caller went away (its future was cancelled): its queued texts leave the queue now."""
+        if self._loop is None or request.dropped:
+            return
+        before = self._queued_texts
+        self._alive(request, self._loop.time())
+        if self._queued_texts != before:
+            self._observer.queue_changed(self._queued_texts, self._queued_tokens)
+        self._wake.set()
+
     def _keep(self, item: _Item, now: float) -> bool:
         """False, and the text leaves the queue, when its caller is gone, already answered or out of time."""
-        request = item.request
-        if not request.dropped:
-            reason = None
-            expired = request.deadline is not None and now >= request.deadline
-            if request.future.done():
-                # Cancelled by its caller (by gRPC, when the deadline passed), or already failed by another
-                # of its batches (reported there).
-                if request.future.cancelled():
-                    reason = "deadline" if expired else "cancelled"
-            elif expired:
-                reason = "deadline"
-                request.future.set_exception(
-                    DeadlineExceeded("the deadline passed while the request was queued")
-                )
-            else:
-                return True
-            request.dropped = True
-            if reason is not None:
-                self._observer.dropped(reason, request.queued)
+        if self._alive(item.request, now):
+            return True
         self._dequeue(item)
         return False
 
-    def _dequeue(self, item: _Item) -> None:
+    def _alive(self, request: _Request, now: float) -> bool:
+        """Whether `request` still wants its texts run. The first time it does not, it is dropped: failed
+        with DeadlineExceeded if its deadline passed, counted, and its texts outside the window dequeued
+        (those in the window leave at the next refill)."""
+        if request.dropped:
+            return False
+        expired = request.deadline is not None and now >= request.deadline
+        if request.future.done():
+            # Cancelled by its caller (by gRPC, when the deadline passed), or already failed by another of
+            # its batches (reported there).
+            reason = None
+            if request.future.cancelled():
+                reason = "deadline" if expired else "cancelled"
+        elif expired:
+            reason = "deadline"
+            request.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
+        else:
+            return True
+        request.dropped = True
+        if reason is not None:
+            self._observer.dropped(reason, request.queued)
+        while request.waiting:
+            self._dequeue(request.waiting.popleft(), in_window=False)
+        return False
+
+    def _dequeue(self, item: _Item, in_window: bool = True) -> None:
         item.request.queued -= 1
+        if in_window:
+            item.request.in_window -= 1
         self._queued_texts -= 1
         self._queued_tokens -= item.length
 
@@ -602,11 +730,17 @@ class Batcher:
             await asyncio.wait(list(self._batch_tasks))
 
     def _fail_queued(self, error: Callable[[], Exception]) -> None:
-        items = [*self._window, *self._backlog]
+        waiting = [item for request in self._backlog for item in request.waiting]
+        items = [*self._window, *waiting]
+        for item in self._window:
+            self._dequeue(item)
+        for item in waiting:
+            self._dequeue(item, in_window=False)
+        for request in self._backlog:
+            request.waiting.clear()
         self._window = []
         self._backlog.clear()
-        for item in items:
-            self._dequeue(item)
+        self._deadlines.clear()
         self._fail(items, error)
         if items:
             self._observer.queue_changed(self._queued_texts, self._queued_tokens)

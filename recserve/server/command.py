@@ -21,7 +21,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     for name, field in ServerSettings.model_fields.items():
         annotation = field.annotation
         default = field.get_default(call_default_factory=True)
-        help_text = f"{field.description} (default: {default})"
+        # NOTE: argparse formats help with %; a literal one must be doubled.
+        help_text = f"{field.description} (default: {default})".replace("%", "%%")
         choices = None
         args = typing.get_args(annotation)
         if typing.get_origin(annotation) is typing.Literal:
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from recserve.manifest import ManifestError
     from recserve.server.logs import configure_logging
     from recserve.server.runtime import RuntimeSelectionError
+    from recserve.server.security import SecurityError
 
     given: dict[str, Any] = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields}
     try:
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(serve(settings))
-    except (ManifestError, RuntimeSelectionError, OSError) as exc:
+    except (ManifestError, RuntimeSelectionError, SecurityError, OSError) as exc:
         print(f"recserve serve: {exc}", file=sys.stderr)
         return 2
 

@@ -17,14 +17,21 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from recserve.manifest import Manifest
 from recserve.server.batcher import Batcher, Reservation
-from recserve.server.errors import InvalidArgument, Unavailable
+from recserve.server.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from recserve.server.model import Tokenizer
 from recserve.tensors import Encoded, FloatArray, l2_normalize
 
 Similarity = Literal["cosine", "dot"]
+
+# Tokenising runs in chunks of at most this many texts or characters: a call whose caller has gone, or
+# whose deadline has passed, stops within one chunk, and one large call cannot hold a tokeniser thread
+# (and the calls queued behind it) for seconds.
+CHUNK_TEXTS = 64
+CHUNK_CHARS = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,8 @@ class Engine:
         self.accepting = False
         self.refusal = "the server is warming up"
         self._in_flight = 0
+        self._tasks: set[asyncio.Task[object]] = set()  # the tasks of the calls in flight
+        self._cutting_off = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -107,16 +116,32 @@ class Engine:
             return False
         return True
 
+    def cut_off(self) -> None:
+        """Ends every call in flight with UNAVAILABLE (the closing reason), wherever it is waiting: for a
+        shutdown whose grace period is over, so that each caller gets an answer before the port closes."""
+        self._cutting_off = True
+        for task in self._tasks:
+            task.cancel()
+
     @contextlib.contextmanager
     def _call(self) -> Iterator[None]:
         """Admits one call (or refuses it with UNAVAILABLE) and counts it as in flight until it ends."""
         if not self.accepting:
             raise Unavailable(self.refusal)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
         self._in_flight += 1
         self._idle.clear()
         try:
             yield
+        except asyncio.CancelledError:
+            if not self._cutting_off:
+                raise  # the caller went away (gRPC cancelled the call)
+            task.uncancel()
+            raise Unavailable(self.refusal) from None
         finally:
+            self._tasks.discard(task)
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
@@ -137,8 +162,8 @@ class Engine:
             )
         self._check_texts("texts", texts)
         timings = Timings()
-        with self.batcher.reserve(len(texts)) as room:
-            items = await self._tokenize(timings, self._tokenizer.encode, texts)
+        with self.batcher.reserve(len(texts), deadline) as room:
+            items = await self._tokenize(timings, self._tokenizer.encode, texts, deadline)
             truncated = self._truncated("texts", items, strict)
             rows = await self._run(timings, items, deadline, room)
         if normalize if normalize is not None else self.manifest.normalize:
@@ -170,30 +195,26 @@ class Engine:
         if isinstance(query, UserHistory):
             head_name, head, weights = "user_history.texts", list(query.texts), self._weights(query)
         else:
-            head_name, head, weights = "query_text", [query], np.ones(1, dtype=np.float32)
+            head_name, head, weights = "query_text", [query], np.ones(1, dtype=np.float64)
         self._check_texts(head_name, head)
         timings = Timings()
         # The query (or history) and the candidates travel together: one submission, one queue wait.
         texts = [*head, *candidates]
-        with self.batcher.reserve(len(texts)) as room:
-            items = await self._tokenize(timings, self._tokenizer.encode, texts)
+        with self.batcher.reserve(len(texts), deadline) as room:
+            items = await self._tokenize(timings, self._tokenizer.encode, texts, deadline)
             self._truncated(head_name, items[: len(head)], strict)
             truncated = self._truncated("candidates", items[len(head) :], strict)
             rows = await self._run(timings, items, deadline, room)
         head_rows, candidate_rows = rows[: len(head)], rows[len(head) :]
-        if isinstance(query, UserHistory):
-            # UserInterest = sum_i w_i * e_i over normalised item embeddings, renormalised.
-            user = (weights[:, None] * l2_normalize(head_rows)).sum(axis=0, keepdims=True)
-            query_vector = l2_normalize(user.astype(np.float32))[0]
-        else:
-            query_vector = head_rows[0]
+        history = isinstance(query, UserHistory)
+        query_vector = user_vector(weights, head_rows) if history else head_rows[0]
         if similarity == "cosine":
             scores = l2_normalize(candidate_rows) @ l2_normalize(query_vector[None, :])[0]
         else:
             # Dot product of the vectors as Embed returns them by default.
             if self.manifest.normalize:
                 candidate_rows = l2_normalize(candidate_rows)
-                if not isinstance(query, UserHistory):
+                if not history:
                     query_vector = l2_normalize(query_vector[None, :])[0]
             scores = candidate_rows @ query_vector
         return ScoreResult(scores.astype(np.float32), truncated, timings, len(items))
@@ -207,9 +228,9 @@ class Engine:
             )
         self._check_texts("query_text", [query])
         timings = Timings()
-        with self.batcher.reserve(len(candidates)) as room:
+        with self.batcher.reserve(len(candidates), deadline) as room:
             items = await self._tokenize(
-                timings, lambda c: self._tokenizer.encode_pairs(query, c), candidates
+                timings, lambda c: self._tokenizer.encode_pairs(query, c), candidates, deadline
             )
             truncated = self._truncated("candidates", items, strict)
             rows = await self._run(timings, items, deadline, room)
@@ -235,9 +256,9 @@ class Engine:
                         "(Info.limits.max_text_bytes)"
                     )
 
-    def _weights(self, history: UserHistory) -> np.ndarray:
+    def _weights(self, history: UserHistory) -> npt.NDArray[np.float64]:
         if not history.weights:
-            return np.ones(len(history.texts), dtype=np.float32)
+            return np.ones(len(history.texts), dtype=np.float64)
         if len(history.weights) != len(history.texts):
             raise InvalidArgument(
                 f"user_history has {len(history.texts)} texts but {len(history.weights)} weights: "
@@ -248,7 +269,7 @@ class Engine:
                 raise InvalidArgument(
                     f"user_history.weights[{index}] is {weight}: weights must be finite and >= 0"
                 )
-        weights = np.asarray(history.weights, dtype=np.float32)
+        weights = np.asarray(history.weights, dtype=np.float64)
         if not weights.any():
             raise InvalidArgument("user_history.weights are all zero: at least one must be positive")
         return weights
@@ -263,11 +284,24 @@ class Engine:
         return cut
 
     async def _tokenize(
-        self, timings: Timings, encode: Callable[[Sequence[str]], list[Encoded]], texts: Sequence[str]
+        self,
+        timings: Timings,
+        encode: Callable[[Sequence[str]], list[Encoded]],
+        texts: Sequence[str],
+        deadline: float | None,
     ) -> list[Encoded]:
+        """Tokenises in worker threads, chunk by chunk, checking the deadline between chunks.
+
+        A cancelled caller raises CancelledError at the await: the chunk in its thread finishes, and no
+        further chunk starts.
+        """
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        items = await loop.run_in_executor(self._tokenize_executor, encode, texts)
+        items: list[Encoded] = []
+        for chunk in chunks(texts):
+            if deadline is not None and loop.time() >= deadline:
+                raise DeadlineExceeded("the deadline passed while the call was being tokenised")
+            items.extend(await loop.run_in_executor(self._tokenize_executor, encode, chunk))
         timings.tokenize_s = time.perf_counter() - started
         return items
 
@@ -278,3 +312,38 @@ class Engine:
         timings.queue_s = result.queue_s
         timings.infer_s = result.infer_s
         return result.rows
+
+
+def chunks(texts: Sequence[str]) -> Iterator[Sequence[str]]:
+    """`texts` in consecutive slices of at most CHUNK_TEXTS texts and (but for a single longer text)
+    CHUNK_CHARS characters."""
+    start = 0
+    while start < len(texts):
+        stop, chars = start, 0
+        while stop < len(texts) and stop - start < CHUNK_TEXTS:
+            chars += len(texts[stop])
+            if chars > CHUNK_CHARS and stop > start:
+                break
+            stop += 1
+        yield texts[start:stop]
+        start = stop
+
+
+def user_vector(weights: npt.NDArray[np.float64], history: FloatArray) -> FloatArray:
+    """normalize(sum_i w_i * normalize(e_i)), in float64 with the weights scaled to a maximum of 1.
+
+    So any positive common scale of the weights gives the same vector (float32 sums under- and overflow
+    at extreme scales, and a tiny sum would meet the normalisation's floor). A sum of exactly zero has no
+    direction: it is the caller's to fix, not a silent zero vector.
+    """
+    scaled = weights / weights.max()
+    items = history.astype(np.float64)
+    items /= np.maximum(np.linalg.norm(items, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    summed = scaled @ items
+    norm = float(np.linalg.norm(summed))
+    if not math.isfinite(norm) or norm == 0.0:
+        raise InvalidArgument(
+            "the weighted user_history vectors sum to zero (they cancel out): change the weights or texts"
+        )
+    vector: FloatArray = (summed / norm).astype(np.float32)
+    return vector

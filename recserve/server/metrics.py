@@ -6,10 +6,12 @@ server writes; a counter's exposed sample carries `_total`, a histogram's `_sum`
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
 
 PREFIX = "recserve"
 # Geometric, 0.25 ms .. ~16 s: the encoder's latency spans 4+ orders of magnitude between batch 1 on a GPU
@@ -138,7 +140,113 @@ class Metrics:
         self.queue_tokens.set(tokens)
 
 
-def serve_metrics(metrics: Metrics, host: str, port: int) -> tuple[int, object]:
-    """Starts the /metrics HTTP endpoint in a daemon thread; returns (bound port, server to shut down)."""
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
-    return int(server.server_port), server
+# The /metrics endpoint: a request head larger than this is refused, and a connection that sends nothing
+# for this long is closed, so an idle or slow client costs one socket, never a thread.
+_MAX_HEAD_BYTES = 8192
+_IDLE_TIMEOUT_S = 10.0
+_MAX_CONNECTIONS = 256
+
+
+class MetricsServer:
+    """Prometheus /metrics over HTTP/1.1 on the event loop: one small task per connection, no threads.
+
+    NOTE: the scrape itself (`generate_latest`) runs on the loop too: it takes about a millisecond, and the
+    gauges it reads (queue, backlog) belong to the loop.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._connection, host, port, limit=_MAX_HEAD_BYTES)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port)."""
+        assert self._server is not None, "not started"
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def close(self) -> None:
+        """Stops listening and closes every connection, idle or not, at once."""
+        if self._server is None:
+            return
+        self._closed = True
+        self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            if self._closed or len(self._connections) > _MAX_CONNECTIONS:
+                return
+            while True:
+                try:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _IDLE_TIMEOUT_S)
+                except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                    return
+                response, keep_alive = self._answer(head)
+                writer.write(response)
+                await writer.drain()
+                if not keep_alive:
+                    return
+        except ConnectionError:
+            return
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    def _answer(self, head: bytes) -> tuple[bytes, bool]:
+        """The whole response to one request head, and whether the connection stays open."""
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split()
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return _response("400 Bad Request", b"bad request\n"), False
+        method, target, version = parts
+        # A body is never expected; rather than read it, answer and close.
+        keep_alive = (
+            version == "HTTP/1.1"
+            and headers.get("connection", "").lower() != "close"
+            and "content-length" not in headers
+            and "transfer-encoding" not in headers
+        )
+        if method not in ("GET", "HEAD"):
+            return _response("405 Method Not Allowed", b"only GET /metrics\n", keep_alive), keep_alive
+        if target.split("?", 1)[0] != "/metrics":
+            return _response("404 Not Found", b"only /metrics is served here\n", keep_alive), keep_alive
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        body = encoder(self.registry)
+        return _response("200 OK", body, keep_alive, content_type, head_only=method == "HEAD"), keep_alive
+
+
+def _response(
+    status: str,
+    body: bytes,
+    keep_alive: bool = False,
+    content_type: str = "text/plain; charset=utf-8",
+    head_only: bool = False,
+) -> bytes:
+    head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+    if not keep_alive:
+        head += "Connection: close\r\n"
+    return (head + "\r\n").encode("latin-1") + (b"" if head_only else body)
+
+
+async def serve_metrics(metrics: Metrics, host: str, port: int) -> MetricsServer:
+    """Starts the /metrics endpoint on the running loop; `close()` it on the way out."""
+    server = MetricsServer(metrics.registry)
+    await server.start(host, port)
+    return server

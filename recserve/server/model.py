@@ -43,12 +43,22 @@ class Backend(Protocol):
         """How many batches may run at once."""
         ...
 
+    @property
+    def verified_sha256(self) -> str | None:
+        """sha256 of the served model file, computed at load and equal to the manifest's; None when not
+        verified (skipped, or a model without a file), for Info."""
+        ...
+
     def run(self, batch: Sequence[Encoded]) -> FloatArray:
         """One row per item of `batch`, in order: the pooled (not normalised) vector, or the logits."""
         ...
 
     def warm_up(self, batch: Sequence[Encoded]) -> None:
         """Runs `batch` once, before the server says SERVING, so the first real calls are not slow."""
+        ...
+
+    def stop_running(self) -> None:
+        """Makes the batches running now fail soon (thread-safe), for a shutdown past its grace period."""
         ...
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from recserve.manifest import Manifest, Precision
+from recserve.manifest import Manifest, ManifestError, Precision, verify_variant
 from recserve.runner import CPU, CUDA, GraphSpec, Runner, encode, open_session
 from recserve.server.model import Model
 from recserve.server.settings import ServerSettings
@@ -129,13 +130,15 @@ class OnnxBackend:
         intra_op_threads: int,
         inter_op_threads: int = 1,
         concurrent_batches: int = 1,
+        verified_sha256: str | None = None,
     ) -> None:
         self.selection = selection
         self._concurrent_batches = concurrent_batches
+        self._verified_sha256 = verified_sha256
         spec = GraphSpec.of(manifest)
         model_file = repo / manifest.variants[selection.precision].file
         self.alone = Runner(
-            open_session(model_file, selection.provider, intra_op_threads, inter_op_threads), spec
+            open_model_file(model_file, selection.provider, intra_op_threads, inter_op_threads), spec
         )
         if self.alone.provider != selection.provider:
             # ORT silently falls back when the CUDA libraries fail to load; the server must say so.
@@ -150,8 +153,13 @@ class OnnxBackend:
         self.threads = (intra_op_threads, shared_threads)
         self.shared = self.alone
         if shared_threads != intra_op_threads:
-            self.shared = Runner(open_session(model_file, CPU, shared_threads, inter_op_threads), spec)
+            self.shared = Runner(open_model_file(model_file, CPU, shared_threads, inter_op_threads), spec)
         self._share = ThreadShare()
+
+    @property
+    def verified_sha256(self) -> str | None:
+        """The sha256 computed from the served file and found equal to the manifest's; None if skipped."""
+        return self._verified_sha256
 
     @property
     def precision(self) -> Precision:
@@ -170,6 +178,10 @@ class OnnxBackend:
         with self._share.enter() as alone:
             return (self.alone if alone else self.shared).run(batch)
 
+    def stop_running(self) -> None:
+        self.alone.terminate()
+        self.shared.terminate()
+
     def warm_up(self, batch: Sequence[Encoded]) -> None:
         """Runs `batch` on the session of lone batches, and a single text also on the shared one.
 
@@ -180,6 +192,50 @@ class OnnxBackend:
         self.alone.run(batch)
         if self.shared is not self.alone and len(batch) == 1:
             self.shared.run(batch)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def open_model_file(
+    model_file: Path, provider: str, intra_op_threads: int, inter_op_threads: int = 1
+) -> ort.InferenceSession:
+    """open_session, with a file ORT cannot load (garbage, truncated) as a one-line ManifestError."""
+    try:
+        return open_session(model_file, provider, intra_op_threads, inter_op_threads)
+    except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...), not OSError
+        raise ManifestError(f"model file {model_file} cannot be loaded: {_first_line(exc)}") from None
+
+
+def verify_served_variant(
+    repo: Path, manifest: Manifest, precision: Precision, verify: bool = True
+) -> str | None:
+    """Checks the served variant's file against its manifest sha256; returns the hash, or None if skipped.
+
+    Only the variant that will be opened is read: its bytes are what answers calls, and hashing the others
+    too would multiply the start-up cost (docs/serving.md#verified-repository) for files never loaded.
+    """
+    variant = manifest.variants[precision]
+    if not verify:
+        log.warning(
+            "model file not verified (skip_verify): its sha256 is not checked against the manifest",
+            extra={"file": str(repo / variant.file)},
+        )
+        return None
+    started = time.perf_counter()
+    sha256 = verify_variant(repo, variant)
+    log.info(
+        "model file verified",
+        extra={
+            "file": str(repo / variant.file),
+            "sha256": sha256,
+            "size_bytes": variant.size_bytes,
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    )
+    return sha256
 
 
 def default_concurrent_batches(provider: str, intra_op_threads: int) -> int:
@@ -195,12 +251,20 @@ def load_backend(
     intra_op_threads: int,
     inter_op_threads: int = 1,
     concurrent_batches: int | None = None,
+    verify: bool = True,
 ) -> OnnxBackend:
-    """Selects and opens the runtime; `concurrent_batches` None picks default_concurrent_batches."""
+    """Selects, verifies (unless `verify` is False) and opens the runtime.
+
+    `concurrent_batches` None picks default_concurrent_batches. A variant file whose sha256 differs from
+    the manifest's, or that ORT cannot load, raises ManifestError before any session runs.
+    """
     selection = select_runtime(ort.get_available_providers(), list(manifest.variants), device, precision)
     if concurrent_batches is None:
         concurrent_batches = default_concurrent_batches(selection.provider, intra_op_threads)
-    backend = OnnxBackend(repo, manifest, selection, intra_op_threads, inter_op_threads, concurrent_batches)
+    sha256 = verify_served_variant(repo, manifest, selection.precision, verify)
+    backend = OnnxBackend(
+        repo, manifest, selection, intra_op_threads, inter_op_threads, concurrent_batches, sha256
+    )
     log.info(
         "runtime selected",
         extra={
@@ -224,7 +288,12 @@ class FastTokenizer:
 
     def __init__(self, tokenizer_file: Path) -> None:
         self._file = tokenizer_file
-        Tokenizer.from_file(str(tokenizer_file))  # fail at start-up, not on the first call
+        try:
+            Tokenizer.from_file(str(tokenizer_file))  # fail at start-up, not on the first call
+        except Exception as exc:  # tokenizers raises a bare Exception for a missing or malformed file
+            raise ManifestError(
+                f"tokenizer file {tokenizer_file} cannot be loaded: {_first_line(exc)}"
+            ) from None
         self._local = threading.local()
 
     def _tokenizer(self) -> Tokenizer:
@@ -252,5 +321,6 @@ def load_model(settings: ServerSettings) -> Model:
         settings.intra_op_threads,
         settings.inter_op_threads,
         settings.max_concurrent_batches,
+        verify=not settings.skip_verify,
     )
     return Model(manifest, FastTokenizer(settings.model_repo / manifest.tokenizer_file), backend)

@@ -10,10 +10,12 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf import message_factory
+from google.protobuf.message import Message
 
 from recserve import __version__
 from recserve.manifest import Manifest
@@ -78,6 +80,64 @@ def encode_vectors(vectors: np.ndarray, encoding: int, response: pb.EmbedRespons
         response.vectors.extend(pb.Vector(values=row) for row in vectors.tolist())
     else:
         response.packed = np.ascontiguousarray(vectors, dtype=dtype).tobytes()
+
+
+class Malformed:
+    """A request whose bytes did not parse (not protobuf of its type, or a string that is not UTF-8).
+
+    The lenient deserializer returns it instead of raising inside gRPC (an UNKNOWN status, uncounted, with
+    a traceback in the log); the handler answers it with INVALID_ARGUMENT through `_handle`.
+    """
+
+    __slots__ = ("message",)
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        reason = str(error).rpartition(": ")[2] or type(error).__name__
+        self.message = f"the request is not a valid {type_name}: {reason}"
+
+    async def refuse(self, deadline: float | None) -> NoReturn:
+        raise errors.InvalidArgument(self.message)
+
+
+def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    name = message_type.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Message | Malformed:
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:  # whatever parsing raises, the bytes are the caller's
+            return Malformed(name, exc)
+
+    return deserialize
+
+
+def add_to_server(servicer: InferenceService, server: grpc.aio.Server) -> None:
+    """Registers `servicer` as the generated add_InferenceServicer_to_server does, from the service's
+    descriptor, except that a request that does not parse reaches `_handle` as Malformed."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Inference"].methods:
+        if method.client_streaming or method.server_streaming:
+            raise TypeError(f"{method.full_name} streams: register it with its own handler kind")
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _guarded(servicer, method.name),
+            request_deserializer=_lenient(message_factory.GetMessageClass(method.input_type)),
+            response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _guarded(
+    servicer: InferenceService, rpc: str
+) -> Callable[[Any, grpc.aio.ServicerContext[object, object]], Awaitable[Any]]:
+    method = getattr(servicer, rpc)
+
+    async def handler(request: Any, context: grpc.aio.ServicerContext[object, object]) -> Any:
+        if isinstance(request, Malformed):
+            return await servicer._handle(rpc, context, request.refuse)
+        return await method(request, context)
+
+    return handler
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -203,8 +263,18 @@ class InferenceService(pb_grpc.InferenceServicer):
         return await self._handle("Info", context, call)
 
 
-def build_info(manifest: Manifest, precision: str, provider: str, limits: pb.Limits) -> pb.InfoResponse:
-    """What Info answers: the model, the runtime in use and the limits a caller must keep to."""
+def build_info(
+    manifest: Manifest,
+    precision: str,
+    provider: str,
+    limits: pb.Limits,
+    verified_sha256: str | None = None,
+) -> pb.InfoResponse:
+    """What Info answers: the model, the runtime in use and the limits a caller must keep to.
+
+    `verified_sha256` is the served file's hash as computed at start (None: not verified); the manifest's
+    own claims are never reported as verified.
+    """
     return pb.InfoResponse(
         model_name=manifest.model_name,
         weights_sha256=manifest.source.weights_sha256,
@@ -217,4 +287,6 @@ def build_info(manifest: Manifest, precision: str, provider: str, limits: pb.Lim
         normalize=manifest.normalize,
         limits=limits,
         server_version=__version__,
+        variant_sha256=verified_sha256 or "",
+        verified=verified_sha256 is not None,
     )

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -27,6 +27,31 @@ class ServerSettings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one (tests)")
     metrics_port: int | None = Field(
         8000, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one; unset disables"
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="address the /metrics endpoint binds, apart from --host so that 0.0.0.0 does not expose"
+        " it; 0.0.0.0 (or the pod IP) for a Prometheus outside the pod",
+    )
+    metrics: bool = Field(True, description="serve Prometheus /metrics; --no-metrics turns the endpoint off")
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM certificate chain of the gRPC port; with --tls-key-file turns TLS on; re-read when"
+        " it changes or on SIGHUP",
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key (unencrypted) of --tls-cert-file")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle; when set, only clients with a certificate it signed connect (mTLS)"
+    )
+    auth_token_file: Path | None = Field(
+        None,
+        description="file holding the bearer token every call but health and reflection must send; re-read"
+        " when it changes",
+    )
+    auth_token: SecretStr | None = Field(
+        None,
+        description="the bearer token itself; set it as RECSERVE_AUTH_TOKEN rather than as a flag (flags show"
+        " in ps)",
     )
     precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
         "auto", description="variant to load; auto = fp16 on CUDA, fp32 on CPU"
@@ -50,6 +75,12 @@ class ServerSettings(BaseSettings):
         " free (under load, batches fill while the model runs)",
     )
     max_queue_texts: int = Field(4096, ge=1, description="queued texts before calls get RESOURCE_EXHAUSTED")
+    max_queue_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="seconds of queued work a call may wait behind (queued tokens / measured rate); a call"
+        " that would wait longer, or not finish within 80% of its deadline, gets RESOURCE_EXHAUSTED at once",
+    )
     window_texts: int = Field(256, ge=1, description="look-ahead window sorted by length before cutting")
     max_padding_ratio: float = Field(
         1.15, ge=1.0, description="padded/real tokens a batch may reach before a longer text starts the next"
@@ -65,6 +96,11 @@ class ServerSettings(BaseSettings):
     max_message_bytes: int = Field(64 * MiB, ge=1024, description="gRPC message size, both directions")
     grace_period_s: float = Field(30.0, ge=0, description="time in-flight calls get to finish on SIGTERM")
     warmup: bool = Field(True, description="run a batch of each size class before reporting SERVING")
+    skip_verify: bool = Field(
+        False,
+        description="do not check the served model file's sha256 against the manifest at start (trusted"
+        " read-only volumes only; logs a warning)",
+    )
     log_format: Literal["json", "text"] = Field("json", description="one line per event, JSON or key=value")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log threshold")
 
@@ -74,4 +110,16 @@ class ServerSettings(BaseSettings):
         from recserve.server.batcher import BatcherConfig
 
         BatcherConfig.from_settings(self)
+        return self
+
+    @model_validator(mode="after")
+    def _security_is_whole(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both --tls-cert-file and --tls-key-file, or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("--tls-client-ca-file (mutual TLS) needs --tls-cert-file and --tls-key-file")
+        if self.auth_token_file is not None and self.auth_token is not None:
+            raise ValueError("set one of --auth-token-file and RECSERVE_AUTH_TOKEN, not both")
+        if self.auth_token is not None and not self.auth_token.get_secret_value().strip():
+            raise ValueError("RECSERVE_AUTH_TOKEN is empty")
         return self

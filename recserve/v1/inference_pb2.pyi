@@ -121,7 +121,7 @@ class Limits(_message.Message):
     def __init__(self, max_texts_per_call: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_texts: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "weights_sha256", "task", "dimension", "max_tokens", "precision", "provider", "pooling", "normalize", "limits", "server_version")
+    __slots__ = ("model_name", "weights_sha256", "task", "dimension", "max_tokens", "precision", "provider", "pooling", "normalize", "limits", "server_version", "variant_sha256", "verified")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,8 @@ class InfoResponse(_message.Message):
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     weights_sha256: str
     task: str
@@ -144,4 +146,6 @@ class InfoResponse(_message.Message):
     normalize: bool
     limits: Limits
     server_version: str
-    def __init__(self, model_name: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., task: _Optional[str] = ..., dimension: _Optional[int] = ..., max_tokens: _Optional[int] = ..., precision: _Optional[str] = ..., provider: _Optional[str] = ..., pooling: _Optional[str] = ..., normalize: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    variant_sha256: str
+    verified: bool
+    def __init__(self, model_name: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., task: _Optional[str] = ..., dimension: _Optional[int] = ..., max_tokens: _Optional[int] = ..., precision: _Optional[str] = ..., provider: _Optional[str] = ..., pooling: _Optional[str] = ..., normalize: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., variant_sha256: _Optional[str] = ..., verified: _Optional[bool] = ...) -> None: ...

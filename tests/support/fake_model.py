@@ -50,6 +50,7 @@ class FakeTokenizer:
         self.max_length = max_length
         self._counted = threading.Condition()
         self.texts_encoded = 0  # how much tokenising work the server has spent, for admission tests
+        self.delay_s = 0.0  # slept per encode call (one chunk of a call), to stand for a slow tokenizer
 
     def _ids(self, text: str) -> list[int]:
         return [1000 + zlib.crc32(word.encode()) % 20000 for word in text.split()]
@@ -78,6 +79,8 @@ class FakeTokenizer:
             return self._counted.wait_for(lambda: self.texts_encoded >= texts, timeout)
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
+        if self.delay_s:
+            time.sleep(self.delay_s)
         self._count(len(texts))
         return [self._encoded(self._ids(text)) for text in texts]
 
@@ -97,6 +100,7 @@ class FakeBackend:
 
     precision = "fp32"
     provider = "FakeExecutionProvider"
+    verified_sha256: str | None = None  # no file to verify
 
     def __init__(self, dim: int, task: Task = "embedding", concurrent_batches: int = 1) -> None:
         self.dim = dim if task == "embedding" else 1
@@ -132,6 +136,9 @@ class FakeBackend:
 
     def warm_up(self, batch: Sequence[Encoded]) -> None:
         return
+
+    def stop_running(self) -> None:
+        self.gate.set()  # a held batch would otherwise wait for the test
 
 
 class FakeModel(Model):
