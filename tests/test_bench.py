@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
@@ -530,6 +532,216 @@ async def test_reports_are_written_from_the_typed_results(tmp_path: Path, fast: 
     assert saved["texts_per_s"] == step.measured.texts_per_s and saved["boundaries"] == [0, 1]
 
 
+# --- overload and soak, against the fake ------------------------------------------------------------------
+
+# Every step a fraction of a second; the probe's big calls small enough for the fake's capacity.
+OVERLOAD_QUICK = [
+    *("--warmup", "0.1", "--duration", "0.4", "--capacity-duration", "0.3", "--capacity-callers", "8"),
+    *("--probe-duration", "0.3", "--probe-texts", "40", "--probe-callers", "2", "--probe-deadline", "5"),
+    *("--metrics-url", "none", "--quiet"),
+]
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+
+
+def test_outcomes_count_every_status_and_goodput_only_ok_within_the_deadline() -> None:
+    """Windows of 1 s from t=10, a 0.5 s deadline. Statuses are of the calls sent in the window; goodput,
+    like throughput, of the OK answers that arrive in it within the deadline. An OK answer 0.6 s after it
+    was due (the client sent it late) is OK but not good; refusals keep their own latency; a call past its
+    deadline is admitted and counts at the time it failed; one with no answer is sent but has no latency."""
+    windows = Windows(start=10.0, length=1.0)
+    rec = Recorder(windows)
+    calls = [
+        (9.9, 9.9, 10.05, OK),  # due in the warm-up, answered in the window: good, not sent in it
+        (9.5, 9.5, 9.6, OK),  # warm-up, answered before the window: neither
+        (10.0, 10.0, 10.1, OK),
+        (10.1, 10.1, 10.3, OK),
+        (10.2, 10.6, 10.8, OK),  # left 0.4 s late: answered 0.6 s after it was due
+        (10.3, 10.3, 10.302, RESOURCE_EXHAUSTED),
+        (10.4, 10.4, 10.404, RESOURCE_EXHAUSTED),
+        (10.5, 10.5, 11.0, DEADLINE_EXCEEDED),
+        (10.8, 10.8, 11.1, OK),  # answered after the window: sent in it, not in its goodput
+    ]
+    for sched, start, end, code in calls:
+        rec.finish(rec.admit(sched, start, index=0), end, code)
+    rec.admit(10.9, 10.9, index=0)  # no answer
+    out = summary.outcomes(rec.table(), windows, 0, 0, deadline_s=0.5)
+    assert out.sent == 8 and sum(f.calls for f in out.statuses.values()) == out.sent
+    assert next(iter(out.statuses)) == "OK"
+    assert set(out.statuses) == {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", summary.NO_ANSWER}
+    assert out.calls("OK") == 4 and out.good == 3 and out.goodput_per_s == 3.0
+    refused = out.statuses["RESOURCE_EXHAUSTED"]
+    assert refused.share == 0.25 and refused.latency_ms.p50 == 2.0 and refused.latency_ms.p99 == 4.0
+    assert out.statuses["DEADLINE_EXCEEDED"].latency_ms.p99 == 500.0
+    assert out.statuses[summary.NO_ANSWER].latency_ms.p99 is None
+    # Admitted: the four OK and the one past its deadline (100, 200, 600, 300, 500 ms).
+    assert (out.admitted_latency_ms.p50, out.admitted_latency_ms.max) == (300.0, 600.0)
+
+
+def check_level(level: dict[str, Any], capacity: float) -> None:
+    """One overload level as results.json has it: its rate, and counts that add up to the calls sent."""
+    step, out = level["step"], level["outcomes"]
+    assert step["mode"] == "open" and step["rate"] == level["offered_per_s"]
+    assert step["schedule"]["target_rate"] == level["offered_per_s"]
+    assert out["sent"] == step["sent"] == sum(f["calls"] for f in out["statuses"].values())
+    assert abs(sum(f["share"] for f in out["statuses"].values()) - 1) < 1e-4
+    assert out["statuses"].get("OK", {"calls": 0})["calls"] == step["completed"]
+    # Good answers are among the OK answers that arrived in the window (throughput).
+    assert out["goodput_per_s"] == round(out["good"] / step["window_s"], 3) <= step["calls_per_s"]
+    assert level["goodput_ratio"] == round(out["goodput_per_s"] / capacity, 3)
+    for name, figures in out["statuses"].items():
+        assert (figures["latency_ms"]["p99"] is None) == (name == summary.NO_ANSWER)
+    assert all(step["consistency"].values())
+
+
+def test_overload_steps_run_at_multiples_of_the_capacity_and_their_counts_add_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fake that admits by time, at a given capacity: the levels' rates are exact multiples of it, and
+    at 3x it refuses calls at once, which the report counts and times."""
+    inference = FakeInference(capacity=200.0)
+    out = ["--out", str(tmp_path / "out"), "--markdown", str(tmp_path / "OVER.md")]
+    with fake_server(inference) as server:
+        flags = ["--target", server.address, "--capacity", "200", "--levels", "1,2,3", "--deadline", "0.25"]
+        assert bench(["overload", *flags, "--no-probe", *out, *OVERLOAD_QUICK]) == 0
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["kind"] == "overload" and doc["series"] == [] and doc["overload"]["fairness"] is None
+    over = doc["overload"]
+    assert over["capacity"]["calls_per_s"] == 200.0 and "step" not in over["capacity"]
+    assert [lv["offered_per_s"] for lv in over["levels"]] == [200.0, 400.0, 600.0]
+    for level in over["levels"]:
+        check_level(level, 200.0)
+        assert level["rss_end_mib"] is None and level["rss_peak_mib"] is None  # no --pid
+    at_3x = over["levels"][-1]["outcomes"]["statuses"]
+    assert at_3x["RESOURCE_EXHAUSTED"]["calls"] > 0 and at_3x["RESOURCE_EXHAUSTED"]["latency_ms"]["p99"] > 0
+    rows = doc["summary"]
+    for key in ("overload_goodput", "overload_refusal_p99", "overload_admitted_p99"):
+        assert isinstance(rows[key]["met"], bool) and rows[key]["target"]
+    assert rows["overload_rss"]["value"] is None and "met" not in rows["overload_rss"]  # unknown
+    assert rows["overload_goodput"]["value"] == min(lv["goodput_ratio"] for lv in over["levels"])
+    md = (tmp_path / "OVER.md").read_text()
+    assert md.startswith("# recserve overload benchmark") and "## Overload" in md
+    assert "| level | offered/s | sent/s | goodput/s |" in md and "unknown against the target" in md
+    printed = capsys.readouterr().out
+    assert "goodput/s" in printed and "overload_goodput:" in printed
+
+
+def test_overload_counts_only_answers_within_the_deadline_as_goodput(tmp_path: Path) -> None:
+    """The server before the fix: it queues everything, so at 3x its callers run out of their deadline and
+    none is refused. Those calls are admitted and not good, and the refusal target is missed."""
+    with fake_server(FakeInference(capacity=200.0, refuse=False)) as server:
+        flags = ["--target", server.address, "--capacity", "200", "--levels", "3", "--deadline", "0.25"]
+        assert bench(["overload", *flags, "--no-probe", "--out", str(tmp_path), *OVERLOAD_QUICK]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    (level,) = doc["overload"]["levels"]
+    check_level(level, 200.0)
+    statuses = level["outcomes"]["statuses"]
+    assert "RESOURCE_EXHAUSTED" not in statuses and statuses["DEADLINE_EXCEEDED"]["calls"] > 0
+    assert level["outcomes"]["goodput_per_s"] <= level["step"]["calls_per_s"]
+    refusal = doc["summary"]["overload_refusal_p99"]
+    assert refusal["met"] is False and refusal["value"] is None and "shed no load" in refusal["how"]
+    assert doc["summary"]["overload_admitted_p99"]["met"] is False  # the deadline-exceeded calls
+
+
+def test_overload_measures_capacity_and_probes_fairness(tmp_path: Path) -> None:
+    """Capacity from a closed loop, the levels at multiples of it, the server's RSS from /proc (this
+    process stands in for the server, through --pid), and the probe: one caller beside a stream."""
+    inference = FakeInference(capacity=300.0)
+    with fake_server(inference) as server:
+        flags = ["--target", server.address, "--pid", str(os.getpid()), "--levels", "1,1.5"]
+        assert bench(["overload", *flags, "--out", str(tmp_path), *OVERLOAD_QUICK]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    over = doc["overload"]
+    capacity = over["capacity"]
+    assert capacity["step"]["mode"] == "closed" and capacity["step"]["concurrency"] == 8
+    assert capacity["calls_per_s"] == capacity["step"]["calls_per_s"] > 0
+    assert "8 callers" in capacity["how"]
+    cap = capacity["calls_per_s"]
+    assert [lv["offered_per_s"] for lv in over["levels"]] == [float(f"{f * cap:.6g}") for f in (1, 1.5)]
+    for level in over["levels"]:
+        check_level(level, cap)
+        assert level["rss_end_mib"] > 0 and level["rss_peak_mib"] >= level["rss_end_mib"] > 0
+    assert over["pid"] == os.getpid() and over["rss_before_mib"] > 0
+    assert over["rss_peak_mib"] == max(lv["rss_peak_mib"] for lv in over["levels"])
+    assert isinstance(doc["summary"]["overload_rss"]["met"], bool)
+    fair = over["fairness"]
+    assert fair["texts_per_call"] == 40 and fair["stream_callers"] == 2 and 40 in inference.batches
+    for caller in (fair["reference"], fair["lone"]):
+        assert caller["concurrency"] == 1 and caller["completed"] > 0 and caller["failed"] == 0
+    assert fair["stream_calls"] > 0 and fair["stream_texts_per_s"] > 0
+    assert doc["summary"]["fairness_lone_p99"]["value"] == fair["lone"]["latency_ms"]["p99"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "## Fairness: one-text calls beside 40-text calls" in md and "| beside the stream |" in md
+
+
+def test_soak_reads_the_process_before_and_after_and_compares_the_first_and_last_windows(
+    tmp_path: Path,
+) -> None:
+    """Three windows of the mixed workload at 0.7 of a given capacity; this process stands in for the
+    server (--pid), so its /proc readings are real."""
+    with fake_server(FakeInference(capacity=2000.0)) as server:
+        flags = ["--target", server.address, "--pid", str(os.getpid()), "--capacity", "100"]
+        flags += ["--minutes", "0.02", "--window", "0.4", "--warmup", "0.1", "--metrics-url", "none"]
+        assert bench(["soak", *flags, "--out", str(tmp_path), "--quiet"]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["kind"] == "soak" and set(doc["workload"]["rpc"]) == {"embed", "score", "history"}
+    soak = doc["soak"]
+    assert soak["rate_per_s"] == 70.0 and soak["windows"] == 3
+    windows = soak["step"]["window_figures"]
+    assert len(windows) == 3 and len(soak["samples"]) == 4  # at every window boundary
+    assert soak["step"]["windows_used"] == 2 and len(soak["step"]["windows"]) == 3  # no stop once stable
+    before, after = soak["before"], soak["after"]
+    for reading in (before, after, *soak["samples"]):
+        assert reading["pid"] == os.getpid()
+        assert reading["rss_mib"] > 0 and reading["open_fds"] > 0 and reading["threads"] >= 1
+    assert soak["rss_growth_mib"] == round(after["rss_mib"] - before["rss_mib"], 1)
+    assert soak["fds_change"] == after["open_fds"] - before["open_fds"]
+    assert soak["threads_change"] == after["threads"] - before["threads"]
+    assert soak["first"] == windows[0] and soak["last"] == windows[-1]
+    drift = soak["drift"]
+    assert drift["first_p99_ms"] == windows[0]["latency_ms"]["p99"]
+    assert drift["p99_ms"] == round(windows[-1]["latency_ms"]["p99"] - windows[0]["latency_ms"]["p99"], 3)
+    assert doc["summary"]["soak_p99_drift"]["value"] == drift["p99_ms"]
+    md = (tmp_path / "summary.md").read_text()
+    assert md.startswith("# recserve soak") and "| server process | before | after | change |" in md
+
+
+OVERLOAD_SOAK_FLAGS = {
+    "zero level": (["overload", "--levels", "1,0"], "--levels: expected numbers > 0"),
+    "level not a number": (["overload", "--levels", "1,x"], "--levels: expected comma-separated numbers"),
+    "zero deadline": (["overload", "--deadline", "0"], "--deadline must be > 0"),
+    "negative capacity": (["overload", "--capacity", "-5"], "--capacity must be > 0"),
+    "no probe texts": (["overload", "--probe-texts", "0"], "--probe-texts and --max-in-flight must be >= 1"),
+    "target and model repo": (
+        ["overload", "--model-repo", "/no/such/repo", "--target", "127.0.0.1:1"],
+        "--target and --model-repo exclude each other",
+    ),
+    "pid with model repo": (
+        ["soak", "--model-repo", "/no/such/repo", "--pid", "1"],
+        "--pid applies to --target",
+    ),
+    "no such pid": (["soak", "--pid", "999999999"], "--pid 999999999: no such process"),
+    "zero fraction": (["soak", "--fraction", "0"], "--fraction must be > 0"),
+    "one window": (["soak", "--minutes", "1", "--window", "60"], "it needs at least 2"),
+    "unknown rpc": (["soak", "--rpc", "embed,upsert"], "unknown RPC 'upsert'"),
+    "bad workload": (["soak", "--workload", "fixed:1"], "fixed:N needs N >= 3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERLOAD_SOAK_FLAGS))
+def test_invalid_overload_and_soak_flags_fail_before_any_load(
+    case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags, message = OVERLOAD_SOAK_FLAGS[case]
+    inference = FakeInference()
+    with fake_server(inference) as server:
+        target = [] if "--model-repo" in flags else ["--target", server.address]
+        assert bench([*flags, *target, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert sum(inference.calls.values()) == 0  # not even Info
+
+
 # --- end to end, the real server -------------------------------------------------------------------------
 
 
@@ -621,8 +833,21 @@ def test_suite_writes_benchmarks_markdown(tiny_repo: Path, tmp_path: Path) -> No
         "## Lone calls, interleaved",
         "## Efficiency at 4 callers, paired rounds",
         "## Batching on against off",
+        "## Overload",
+        "## Fairness: one-text calls beside 2,000-text calls",
         "## Raw limit",
     ):
         assert heading in text
+    # The overload section, on a server of its own: the suite's steps' timing, the command's defaults.
+    over = doc["overload"]
+    assert over["capacity"]["step"]["concurrency"] == 64 and over["deadline_s"] == 2.0
+    assert [lv["level"] for lv in over["levels"]] == [1.0, 1.5, 2.0, 3.0]
+    for level in over["levels"]:
+        check_level(level, over["capacity"]["calls_per_s"])
+        assert level["rss_peak_mib"] > 0  # the local child's /proc
+    assert over["fairness"]["texts_per_call"] == 2000 and over["fairness"]["lone"]["completed"] > 0
+    overload_rows = {"overload_goodput", "overload_refusal_p99", "overload_admitted_p99", "overload_rss"}
+    assert overload_rows | {"fairness_lone_p99"} <= set(doc["summary"])
+    assert all(isinstance(doc["summary"][key]["met"], bool) for key in overload_rows)
     for plot in ("knee", "throughput", "batch_sizes"):
         assert (tmp_path / "results" / f"{plot}.png").read_bytes().startswith(PNG_MAGIC)

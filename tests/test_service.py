@@ -39,7 +39,7 @@ from tests.support.serving import (
 
 # The fake model has no repository: the path only names it in the settings.
 FAKE = Path("fake")
-# For servers whose tests read no scrape: the /metrics server takes half a second to shut down.
+# For servers whose tests read no scrape: no metrics port to bind.
 NO_HTTP = {"metrics_port": None}
 TEXTS = [
     "a red running shoe",

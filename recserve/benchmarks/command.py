@@ -1,5 +1,6 @@
 """`recserve bench`: `run` load-tests any target that speaks the recserve API; `suite` benchmarks a model
-repository on this machine and writes BENCHMARKS.md.
+repository on this machine and writes BENCHMARKS.md; `overload` and `soak` measure a target past and below
+its capacity.
 
 `configure` imports nothing beyond argparse: `recserve --help` and `recserve serve` never pay for the harness.
 """
@@ -10,6 +11,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 EXAMPLES = """examples:
   recserve bench run --target 127.0.0.1:50051 --mode closed --concurrency 1,4,16,64 --duration 10
@@ -17,6 +19,8 @@ EXAMPLES = """examples:
   recserve bench run --rpc score --candidates 32 --workload query --mode closed --concurrency 8
   recserve bench run --model-repo models/all-MiniLM-L6-v2 --batching-off   # + raw limit, batching off
   recserve bench suite --model-repo models/all-MiniLM-L6-v2 --out benchmarks/results --markdown BENCHMARKS.md
+  recserve bench overload --model-repo models/all-MiniLM-L6-v2       # or --target HOST:PORT --pid PID
+  recserve bench soak --target 127.0.0.1:50051 --pid 4242 --minutes 10 --fraction 0.7
 """
 
 
@@ -64,10 +68,85 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encoding", choices=("f16", "f32", "float"), default="f16", help="Embed vectors (f16)")
 
 
+# The soak's mixed workload: mostly Embed, with Score against a text query and against a user history.
+MIXED_RPC = "embed=0.6,score=0.3,history=0.1"
+OVERLOAD_DESCRIPTION = """\
+What a target does past its capacity: capacity first (a closed loop of 64 callers, one text a call), then
+open-loop steps (Poisson) at multiples of it with a per-call deadline, each reporting goodput (OK answers
+within the deadline), the calls by status, the latency of OK, refused and admitted calls and the server's
+RSS; then a one-text caller beside a stream of 2,000-text calls. The issue's targets are met/missed rows."""
+SOAK_DESCRIPTION = """\
+A long open loop below capacity with a mixed workload (not CI: `make bench-soak`): the server's RSS, open
+file descriptors and threads before and after, and the latency of the first window against the last."""
+
+
+def _add_server_flags(p: argparse.ArgumentParser, cores: int) -> None:
+    g = p.add_argument_group("server (one of --target and --model-repo)")
+    g.add_argument("--target", help="HOST:PORT speaking recserve.v1 (127.0.0.1:50051)")
+    g.add_argument("--pid", type=int, help="with --target: the server's process id here, for /proc readings")
+    g.add_argument(
+        "--metrics-url",
+        default="auto",
+        help="with --target: its Prometheus endpoint; auto = http://HOST:8000/metrics if it answers; none",
+    )
+    g.add_argument("--model-repo", type=Path, help="start a local server of this repository instead")
+    g.add_argument("--threads", type=int, default=cores, help=f"ORT threads of the local server ({cores})")
+
+
+def _add_capacity_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("capacity")
+    g.add_argument("--capacity", type=float, help="calls/s to take as the capacity instead of measuring it")
+    g.add_argument("--capacity-callers", type=int, default=64, help="closed-loop callers measuring it (64)")
+    g.add_argument("--capacity-duration", type=float, default=5.0, help="seconds of its window (5)")
+
+
+def _configure_overload(sub: Any, cores: int) -> None:
+    p = sub.add_parser(
+        "overload", help="goodput and refusals past capacity, fairness", description=OVERLOAD_DESCRIPTION
+    )
+    _add_server_flags(p, cores)
+    _add_capacity_flags(p)
+    g = p.add_argument_group("levels")
+    g.add_argument("--levels", default="1,1.5,2,3", help="open-loop rates, multiples of capacity (1,1.5,2,3)")
+    g.add_argument("--deadline", type=float, default=2.0, help="gRPC deadline of each call, seconds (2)")
+    g.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per step (2)")
+    g.add_argument("--duration", type=float, default=10.0, help="seconds of each level's window (10)")
+    g.add_argument("--max-in-flight", type=int, default=4096, help="cap on calls in flight (4096)")
+    f = p.add_argument_group("fairness probe")
+    f.add_argument("--probe-texts", type=int, default=2000, help="texts per big Embed call (2000)")
+    f.add_argument("--probe-callers", type=int, default=3, help="callers sending big calls (3)")
+    f.add_argument("--probe-duration", type=float, default=10.0, help="seconds one-text calls are timed (10)")
+    f.add_argument("--probe-deadline", type=float, default=60.0, help="deadline of the probe's calls (60)")
+    f.add_argument("--no-probe", action="store_true", help="skip the fairness probe")
+    _add_workload_flags(p)
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=Path("bench-out/overload"), help="JSON, logs (bench-out/...)")
+    o.add_argument("--markdown", type=Path, help="Markdown summary path (OUT/summary.md)")
+    o.add_argument("--quiet", action="store_true", help="no live progress line")
+
+
+def _configure_soak(sub: Any, cores: int) -> None:
+    p = sub.add_parser("soak", help="a long run below capacity: leaks, drift", description=SOAK_DESCRIPTION)
+    _add_server_flags(p, cores)
+    _add_capacity_flags(p)
+    g = p.add_argument_group("load")
+    g.add_argument("--fraction", type=float, default=0.7, help="open-loop rate, a fraction of capacity (0.7)")
+    g.add_argument("--minutes", type=float, default=10.0, help="length of the soak (10)")
+    g.add_argument("--window", type=float, default=60.0, help="seconds per window; first vs last (60)")
+    g.add_argument("--warmup", type=float, default=5.0, help="seconds of warm-up before the first window (5)")
+    g.add_argument("--deadline", type=float, default=2.0, help="gRPC deadline of each call, seconds (2)")
+    g.add_argument("--max-in-flight", type=int, default=4096, help="cap on calls in flight (4096)")
+    g.add_argument("--rpc", default=MIXED_RPC, help=f"the RPC mix ({MIXED_RPC})")
+    _add_workload_flags(p)
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=Path("bench-out/soak"), help="JSON, Markdown (bench-out/soak)")
+    o.add_argument("--quiet", action="store_true", help="no live progress line")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="{run,suite}")
+    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="{run,suite,overload,soak}")
     cores = os.cpu_count() or 1
 
     run = sub.add_parser(
@@ -81,8 +160,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--target", default="127.0.0.1:50051", help="HOST:PORT speaking recserve.v1 (127.0.0.1:50051)"
     )
-    t.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --root-cert)")
-    t.add_argument("--root-cert", type=Path, help="PEM root certificates for TLS (implies --tls)")
+    t.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
+    t.add_argument(
+        "--tls-ca", "--root-cert", dest="root_cert", type=Path, help="PEM CA bundle for TLS (implies --tls)"
+    )
+    t.add_argument("--tls-cert", type=Path, help="PEM client certificate for mutual TLS (with --tls-key)")
+    t.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    t.add_argument("--token-file", type=Path, help="file with the bearer token the target wants")
     t.add_argument(
         "--metrics-url",
         default="auto",
@@ -158,8 +242,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--p99-target-ms", type=float, default=100.0, help="p99 bound of the open-loop figure (100)"
     )
     suite.add_argument("--quiet", action="store_true", help="no live progress line")
+    suite.add_argument("--no-overload", action="store_true", help="skip the overload section")
     _add_workload_flags(suite)
     _add_load_flags(suite, duration=5.0, warmup=2.0)
+    _configure_overload(sub, cores)
+    _configure_soak(sub, cores)
     parser.set_defaults(_bench_argv=None)
 
 
@@ -176,6 +263,14 @@ def run(args: argparse.Namespace) -> int:
             from recserve.benchmarks.execute import execute
 
             return asyncio.run(execute(flags.run_config(args, args._bench_argv)))
+        if args.bench_command == "overload":
+            from recserve.benchmarks.overload import run_overload
+
+            return asyncio.run(run_overload(flags.overload_config(args, args._bench_argv)))
+        if args.bench_command == "soak":
+            from recserve.benchmarks.soak import run_soak
+
+            return asyncio.run(run_soak(flags.soak_config(args, args._bench_argv)))
         from recserve.benchmarks.suite import run_suite
 
         return asyncio.run(run_suite(flags.suite_config(args, args._bench_argv)))

@@ -1,4 +1,5 @@
-"""What `bench run` and `bench suite` were asked to do, once the flags are checked, and how they exit."""
+"""What `bench run`, `suite`, `overload` and `soak` were asked to do, once the flags are checked, and how
+they exit."""
 
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ class RunConfig:
     metrics_url: str | None = "auto"
     tls: bool = False
     root_cert: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    token_file: Path | None = None
     model_repo: Path | None = None
     batching_off: bool = False
     threads: int = 1
@@ -70,9 +74,80 @@ class SuiteConfig:
     p99_target_ms: float = 100.0
     progress: bool = True
     command: str = ""
+    overload: bool = True
+    """The overload section (overload.py), on a server of its own, with the steps' warm-up and window."""
 
 
-def settings(config: RunConfig | SuiteConfig) -> dict[str, Json]:
+@dataclass(frozen=True)
+class OverloadSettings:
+    """How `bench overload` (and the suite's overload section) measures."""
+
+    levels: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
+    """Open-loop rates as multiples of the capacity."""
+    deadline_s: float = 2.0
+    capacity_per_s: float | None = None
+    """Given: no capacity measurement."""
+    capacity_callers: int = 64
+    capacity_window_s: float = 5.0
+    warmup_s: float = 2.0
+    window_s: float = 10.0
+    max_in_flight: int = 4096
+    probe: bool = True
+    probe_texts: int = 2000
+    probe_callers: int = 3
+    probe_window_s: float = 10.0
+    probe_deadline_s: float = 60.0
+    """Long, so that a one-text call's real wait behind the big calls is measured, not cut off."""
+
+
+@dataclass(frozen=True)
+class TargetChoice:
+    """The server of `overload` and `soak`: a local one started from `model_repo`, or `target` (with `pid`
+    for /proc readings, if it runs on this machine)."""
+
+    target: str | None
+    model_repo: Path | None
+    pid: int | None
+    threads: int
+    metrics_url: str | None = "auto"
+
+    @property
+    def name(self) -> str:
+        return self.target or f"a local server of {self.model_repo}"
+
+
+@dataclass(frozen=True)
+class OverloadConfig:
+    server: TargetChoice
+    workload: WorkloadSpec
+    settings: OverloadSettings
+    out: Path
+    markdown: Path | None = None
+    progress: bool = True
+    command: str = ""
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    server: TargetChoice
+    workload: WorkloadSpec
+    """The mixed workload: an RPC mix of embed, score and history."""
+    fraction: float
+    window_s: float
+    windows: int
+    """--minutes in windows of `window_s`: the first and the last are compared."""
+    warmup_s: float
+    deadline_s: float
+    capacity_per_s: float | None
+    capacity_callers: int
+    capacity_window_s: float
+    max_in_flight: int
+    out: Path
+    progress: bool = True
+    command: str = ""
+
+
+def settings(config: RunConfig | SuiteConfig | OverloadConfig | SoakConfig) -> dict[str, Json]:
     """The config as the report's `settings`."""
     out = to_json(config)
     assert isinstance(out, dict)

@@ -35,7 +35,9 @@ async def execute(config: RunConfig, err: TextIO | None = None) -> int:
     notes: list[str] = []
     doc = report.new_document("run", config.command, settings(config))
     series: list[Series] = []
-    async with connected(config.target, config.tls, config.root_cert) as client:
+    async with connected(
+        config.target, config.tls, config.root_cert, config.tls_cert, config.tls_key, config.token_file
+    ) as client:
         info = await check_target(client, config.target)
         check_workload_fits(config.workload, info, config.target)
         metrics_url = await resolve_metrics(config.metrics_url, config.target, notes)

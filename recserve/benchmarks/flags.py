@@ -10,7 +10,16 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from recserve.benchmarks.config import ConfigError, RunConfig, SuiteConfig
+from recserve.benchmarks import process
+from recserve.benchmarks.config import (
+    ConfigError,
+    OverloadConfig,
+    OverloadSettings,
+    RunConfig,
+    SoakConfig,
+    SuiteConfig,
+    TargetChoice,
+)
 from recserve.benchmarks.loadgen import LoadSettings
 from recserve.benchmarks.workloads import (
     RpcKind,
@@ -118,8 +127,16 @@ def run_config(args: argparse.Namespace, argv: Sequence[str] | None = None) -> R
     except WorkloadError as exc:
         raise ConfigError(str(exc)) from None
     _lengths(spec.lengths)
-    if args.root_cert is not None and not args.root_cert.is_file():
-        raise ConfigError(f"--root-cert {args.root_cert} is not a file")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together (mutual TLS)")
+    for flag, path in (
+        ("--tls-ca", args.root_cert),
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+        ("--token-file", args.token_file),
+    ):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{flag} {path} is not a file")
     if args.batching_off and args.model_repo is None:
         raise ConfigError("--batching-off starts a second server, so it needs --model-repo")
     if args.model_repo is not None:
@@ -139,8 +156,11 @@ def run_config(args: argparse.Namespace, argv: Sequence[str] | None = None) -> R
         out=args.out,
         markdown=args.markdown,
         metrics_url=None if args.metrics_url == "none" else args.metrics_url,
-        tls=args.tls or args.root_cert is not None,
+        tls=args.tls or args.root_cert is not None or args.tls_cert is not None,
         root_cert=args.root_cert,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        token_file=args.token_file,
         model_repo=args.model_repo,
         batching_off=args.batching_off,
         threads=args.threads,
@@ -172,6 +192,124 @@ def suite_config(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
         rounds=args.rounds,
         singles=args.singles,
         p99_target_ms=args.p99_target_ms,
+        overload=not args.no_overload,
+        progress=not args.quiet,
+        command=command_line(argv),
+    )
+
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def target_choice(args: argparse.Namespace) -> TargetChoice:
+    """`overload` and `soak`: --target (with --pid for /proc readings), or --model-repo for a local server."""
+    if args.model_repo is not None:
+        if args.target is not None:
+            raise ConfigError("--target and --model-repo exclude each other (--model-repo starts a server)")
+        if args.pid is not None:
+            raise ConfigError("--pid applies to --target; the local server of --model-repo is read anyway")
+        check_repo(args.model_repo)
+        target = None
+    else:
+        target = args.target or DEFAULT_TARGET
+        if ":" not in target:
+            raise ConfigError(f"--target must be HOST:PORT, got {target!r}")
+    if args.pid is not None and (args.pid < 1 or not process.exists(args.pid)):
+        raise ConfigError(f"--pid {args.pid}: no such process on this machine")
+    if args.threads < 1:
+        raise ConfigError("--threads must be >= 1")
+    return TargetChoice(
+        target=target,
+        model_repo=args.model_repo,
+        pid=args.pid,
+        threads=args.threads,
+        metrics_url=None if args.metrics_url == "none" else args.metrics_url,
+    )
+
+
+def overload_config(args: argparse.Namespace, argv: Sequence[str] | None = None) -> OverloadConfig:
+    """`bench overload`: every flag checked before the target is even asked for Info."""
+    levels = float_list("--levels", args.levels)
+    positive("--warmup", args.warmup, allow_zero=True)
+    for flag, value in (
+        ("--deadline", args.deadline),
+        ("--duration", args.duration),
+        ("--capacity-duration", args.capacity_duration),
+        ("--probe-duration", args.probe_duration),
+        ("--probe-deadline", args.probe_deadline),
+    ):
+        positive(flag, value)
+    if args.capacity is not None:
+        positive("--capacity", args.capacity)
+    if min(args.capacity_callers, args.probe_callers, args.probe_texts, args.max_in_flight) < 1:
+        raise ConfigError(
+            "--capacity-callers, --probe-callers, --probe-texts and --max-in-flight must be >= 1"
+        )
+    _lengths(args.workload)
+    return OverloadConfig(
+        server=target_choice(args),
+        workload=WorkloadSpec(lengths=args.workload, seed=args.seed, encoding=args.encoding),
+        settings=OverloadSettings(
+            levels=levels,
+            deadline_s=args.deadline,
+            capacity_per_s=args.capacity,
+            capacity_callers=args.capacity_callers,
+            capacity_window_s=args.capacity_duration,
+            warmup_s=args.warmup,
+            window_s=args.duration,
+            max_in_flight=args.max_in_flight,
+            probe=not args.no_probe,
+            probe_texts=args.probe_texts,
+            probe_callers=args.probe_callers,
+            probe_window_s=args.probe_duration,
+            probe_deadline_s=args.probe_deadline,
+        ),
+        out=args.out,
+        markdown=args.markdown,
+        progress=not args.quiet,
+        command=command_line(argv),
+    )
+
+
+def soak_config(args: argparse.Namespace, argv: Sequence[str] | None = None) -> SoakConfig:
+    """`bench soak`: the same checks, and at least two windows (the first is compared with the last)."""
+    positive("--warmup", args.warmup, allow_zero=True)
+    for flag, value in (
+        ("--fraction", args.fraction),
+        ("--minutes", args.minutes),
+        ("--window", args.window),
+        ("--deadline", args.deadline),
+        ("--capacity-duration", args.capacity_duration),
+    ):
+        positive(flag, value)
+    if args.capacity is not None:
+        positive("--capacity", args.capacity)
+    if min(args.capacity_callers, args.max_in_flight) < 1:
+        raise ConfigError("--capacity-callers and --max-in-flight must be >= 1")
+    windows = round(args.minutes * 60 / args.window)
+    if windows < 2:
+        raise ConfigError(
+            f"--minutes {args.minutes:g} holds {windows} window(s) of --window {args.window:g} s; "
+            "a soak compares its first window with its last, so it needs at least 2"
+        )
+    try:
+        rpc = parse_rpc_mix(args.rpc)
+    except WorkloadError as exc:
+        raise ConfigError(str(exc)) from None
+    _lengths(args.workload)
+    return SoakConfig(
+        server=target_choice(args),
+        workload=WorkloadSpec(lengths=args.workload, seed=args.seed, rpc=rpc, encoding=args.encoding),
+        fraction=args.fraction,
+        window_s=args.window,
+        windows=windows,
+        warmup_s=args.warmup,
+        deadline_s=args.deadline,
+        capacity_per_s=args.capacity,
+        capacity_callers=args.capacity_callers,
+        capacity_window_s=args.capacity_duration,
+        max_in_flight=args.max_in_flight,
+        out=args.out,
         progress=not args.quiet,
         command=command_line(argv),
     )

@@ -84,6 +84,11 @@ class StepPlan(LoadSettings):
     arrival: Arrival = "poisson"
     late_after_s: float = 0.005
     seed: int = 0
+    # Opt-in figures, off for `run` and the suite's sweeps so their results keep their shape.
+    outcomes: bool = False
+    """Also the calls by status and the goodput (the overload steps)."""
+    all_windows: bool = False
+    """Run every window (no stop once stable) and keep each window's figures (the soak)."""
 
     @property
     def label(self) -> str:
@@ -311,7 +316,7 @@ class _Step:
                 windows.append(self.figures(k, k))
                 if k >= 1:
                     stable = stats.is_stable(windows[-2].calls_per_s, windows[-1].calls_per_s, plan.tolerance)
-                    if stable:
+                    if stable and not plan.all_windows:
                         break
                 if self.calls >= plan.max_calls:
                     break
@@ -363,6 +368,12 @@ class _Step:
             plan=plan.settings(),
             schedule=schedule,
             consistency=summary.consistency(measured),
+            outcomes=(
+                summary.outcomes(table, self.windows, first, last, deadline_s=plan.deadline_s)
+                if plan.outcomes
+                else None
+            ),
+            window_figures=tuple(windows) if plan.all_windows else None,
         )
 
     async def finish(self, grace: float) -> int:

@@ -105,7 +105,16 @@ def versions() -> dict[str, str]:
     return out
 
 
-def new_document(kind: Literal["run", "suite"], command: str, settings: dict[str, Json]) -> Document:
+Kind = Literal["run", "suite", "overload", "soak"]
+TITLES: dict[Kind, str] = {
+    "run": "recserve benchmark run",
+    "suite": "recserve benchmarks",
+    "overload": "recserve overload benchmark",
+    "soak": "recserve soak",
+}
+
+
+def new_document(kind: Kind, command: str, settings: dict[str, Json]) -> Document:
     """A document stamped with the time, machine and versions at the start; the results come later."""
     return Document(
         schema=SCHEMA,
@@ -207,6 +216,10 @@ def print_tables(doc: Document, out: TextIO | None = None) -> None:
             f"({raw.threads} threads); single text p50 {_fmt(raw.single.latency_ms.p50, 2)} ms",
             file=out,
         )
+    if doc.kind in ("overload", "soak"):  # their sections are their tables
+        for heading, body in (doc.sections or {}).items():
+            print(f"\n{heading}\n", file=out)
+            print("\n".join(body), file=out)
     for key, item in doc.summary.items():
         print(f"{key}: {_summary_value(item)}", file=out)
     for note in doc.notes:
@@ -379,7 +392,7 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def _summary_value(item: SummaryItem) -> str:
     text = f"{_fmt(item.value, item.digits)}{item.unit}"
     if item.target is not None:
-        verdict = "meets" if item.met else "misses"
+        verdict = "unknown against" if item.met is None else "meets" if item.met else "misses"
         text += f" ({verdict} the target {item.target})"
     return text
 
@@ -411,7 +424,7 @@ def _series_lines(series: Series) -> list[str]:
 
 def markdown(doc: Document, plots: dict[str, str], plot_prefix: str) -> str:
     """The summary: headline figures, every step, the server's view, raw limit, machine, reproduction."""
-    title = "recserve benchmarks" if doc.kind == "suite" else "recserve benchmark run"
+    title = TITLES[doc.kind]
     lines = [
         f"# {title}",
         "",

@@ -175,6 +175,38 @@ class ServerView:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StatusFigures:
+    """The measured calls of a step that ended with one status code (or got no answer at all)."""
+
+    calls: int
+    share: float
+    """Of the calls sent in the measured windows."""
+    latency_ms: LatencySummary
+    """From the scheduled send to the answer, whatever the answer was; empty when none came."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcomes:
+    """A step's measured calls by how they ended, and the useful part of them (summary.outcomes)."""
+
+    deadline_s: float
+    sent: int
+    statuses: dict[str, StatusFigures]
+    """Status name -> its calls; the counts add up to `sent`."""
+    good: int
+    """OK answers that arrived inside the measured windows within the deadline (from the scheduled send)."""
+    goodput_per_s: float
+    """`good` over the length of the measured windows."""
+    admitted_latency_ms: LatencySummary
+    """Every answered call but those refused with RESOURCE_EXHAUSTED: a call that ran out of its deadline
+    counts at the time it failed, so a p99 under the deadline means admitted calls finish in time."""
+
+    def calls(self, status: str) -> int:
+        figures = self.statuses.get(status)
+        return figures.calls if figures else 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class StepResult:
     """One step of a sweep: the figures over its measured windows and how they were obtained."""
 
@@ -198,6 +230,10 @@ class StepResult:
     consistency: Consistency
     server: ServerView | None = field(default=None, metadata=_OPTIONAL)
     ratio_to_raw: float | None = field(default=None, metadata=_OPTIONAL)
+    outcomes: Outcomes | None = field(default=None, metadata=_OPTIONAL)
+    """Only when the plan asks for it (the overload steps)."""
+    window_figures: tuple[Figures, ...] | None = field(default=None, metadata=_OPTIONAL)
+    """Every window's figures, only when the plan runs every window (the soak)."""
 
     @property
     def offered(self) -> float:
@@ -294,6 +330,111 @@ class SummaryItem:
     met: bool | None = field(default=None, metadata=_OPTIONAL)
 
 
+# --- overload and soak -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProcessSample:
+    """The server process as /proc showed it (process.py); None where it could not be read."""
+
+    pid: int | None
+    rss_mib: float | None
+    open_fds: int | None
+    threads: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Capacity:
+    """The calls/s the target delivers at most: a short closed loop at high concurrency, or given."""
+
+    calls_per_s: float
+    how: str
+    step: StepResult | None = field(default=None, metadata=_OPTIONAL)
+    """The closed-loop step it was measured with; None when it was given (--capacity)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OverloadLevel:
+    """One open-loop step at a multiple of the capacity."""
+
+    level: float
+    offered_per_s: float
+    goodput_ratio: float | None
+    """Goodput over the capacity."""
+    outcomes: Outcomes
+    rss_end_mib: float | None
+    rss_peak_mib: float | None
+    """The highest RSS sampled during the step."""
+    step: StepResult
+
+
+@dataclass(frozen=True, kw_only=True)
+class FairnessProbe:
+    """A one-text caller beside a stream of big Embed calls, and the same caller alone just before."""
+
+    texts_per_call: int
+    stream_callers: int
+    deadline_s: float
+    reference: StepResult
+    """The one-text caller alone (closed loop, one caller)."""
+    lone: StepResult
+    """The one-text caller while the stream runs."""
+    stream_seconds: float
+    stream_calls: int
+    """Big calls answered OK while the one-text caller was measured."""
+    stream_texts_per_s: float
+    stream_failed: dict[str, int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OverloadResult:
+    """`bench overload`: capacity, the open-loop levels past it, the fairness probe."""
+
+    deadline_s: float
+    capacity: Capacity
+    levels: tuple[OverloadLevel, ...]
+    rss_before_mib: float | None
+    """After the capacity step, before the levels: the baseline that "bounded" is judged against."""
+    rss_peak_mib: float | None
+    """The highest RSS sampled over the levels."""
+    pid: int | None
+    fairness: FairnessProbe | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Drift:
+    """Latency of the last window against the first (ms; positive: slower at the end)."""
+
+    first_p50_ms: float | None
+    first_p99_ms: float | None
+    last_p50_ms: float | None
+    last_p99_ms: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SoakResult:
+    """`bench soak`: a long open loop below capacity, and the server process before and after."""
+
+    fraction: float
+    capacity: Capacity
+    rate_per_s: float
+    window_s: float
+    windows: int
+    before: ProcessSample
+    after: ProcessSample
+    samples: tuple[ProcessSample, ...]
+    """At each window boundary, from the first window's start to the last one's end."""
+    rss_growth_mib: float | None
+    fds_change: int | None
+    threads_change: int | None
+    first: Figures
+    last: Figures
+    drift: Drift
+    step: StepResult
+
+
 # --- the document -----------------------------------------------------------------------------------------
 
 
@@ -341,7 +482,7 @@ class Document:
     """Everything a run or the suite reports; results.json is `to_json` of it."""
 
     schema: str
-    kind: Literal["run", "suite"]
+    kind: Literal["run", "suite", "overload", "soak"]
     created_at: str
     command: str
     settings: dict[str, Json]
@@ -358,3 +499,5 @@ class Document:
     paired: PairedRounds | None = field(default=None, metadata=_OPTIONAL)
     sections: dict[str, list[str]] | None = field(default=None, metadata=_OPTIONAL)
     """Markdown sections after the series: heading -> lines."""
+    overload: OverloadResult | None = field(default=None, metadata=_OPTIONAL)
+    soak: SoakResult | None = field(default=None, metadata=_OPTIONAL)

@@ -38,6 +38,8 @@ class LocalServer:
     """None for the bare baseline, which has no metrics."""
     command: list[str]
     log_path: Path
+    pid: int | None = None
+    """The child's process id, for /proc readings (process.py)."""
 
 
 def free_port() -> int:
@@ -124,7 +126,7 @@ async def local_server(
         )
     finally:
         log.close()  # the child holds its own descriptor
-    server = LocalServer(f"127.0.0.1:{port}", metrics_url, cmd, log_path)
+    server = LocalServer(f"127.0.0.1:{port}", metrics_url, cmd, log_path, pid=proc.pid)
     try:
         await _wait_serving(server, proc, start_timeout)
         yield server

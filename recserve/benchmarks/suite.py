@@ -5,7 +5,8 @@ the raw limit first (nothing else on the cores); lone calls interleaved between 
 baseline (bare.py) and the default server; the default server's closed-loop sweep and open-loop sweep at
 fractions of the peak; paired rounds for the efficiency figure (a raw pass, then a window on the default
 server and on one that runs one batch at a time); then a server with batching off (max_batch_size=1) at
-the comparison points.
+the comparison points; last, unless turned off, the overload section (overload.py) on a fresh default
+server.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import grpc
 import numpy as np
 
 from recserve.benchmarks import report, stats
-from recserve.benchmarks.config import SuiteConfig, settings, workload_of
+from recserve.benchmarks.config import OverloadSettings, SuiteConfig, settings, workload_of
+from recserve.benchmarks.overload import Subject, measure_overload, overload_sections, overload_summary
 from recserve.benchmarks.results import (
     Document,
     LoneCalls,
@@ -58,6 +60,8 @@ LONE_WARMUP_CALLS = 20
 # The paired rounds' second server: the default one with --max-concurrent-batches 1.
 ONE_AT_A_TIME = "one batch at a time"
 BATCHING_OFF = "batching off"
+# The overload section's server: the default one, started fresh so that no earlier section's load lingers.
+OVERLOAD = "overload"
 
 
 async def lone_calls(
@@ -313,6 +317,19 @@ def comparison_section(cfg: SuiteConfig, on: Sequence[StepResult], off: Sequence
     return report.md_table(header, rows)
 
 
+def overload_settings(cfg: SuiteConfig) -> OverloadSettings:
+    """The overload section's settings: the defaults of `bench overload`, timed by the suite's steps (each
+    level, the capacity window and the probe one window of --duration after --warmup)."""
+    load = cfg.load
+    return OverloadSettings(
+        capacity_window_s=load.window_s,
+        warmup_s=load.warmup_s,
+        window_s=load.window_s,
+        max_in_flight=load.max_in_flight,
+        probe_window_s=load.window_s,
+    )
+
+
 async def run_suite(cfg: SuiteConfig, err: TextIO | None = None) -> int:
     """The suite after its flags were checked: returns the exit code. Raises ConfigError when the workload
     cannot be built, TargetError or ServerStartError when a server it starts cannot take the load."""
@@ -402,18 +419,25 @@ async def _measure(
     async with started(BATCHING_OFF, "--max-batch-size", "1") as (srv, client, info_off):
         off = await served_sweep(client, srv.metrics_url, BATCHING_OFF, cfg.compare, ())
         off_series = Series(name=BATCHING_OFF, target=srv.address, server=info_off, steps=tuple(off))
+    overload = None
+    if cfg.overload:
+        async with started(OVERLOAD) as (srv, client, info_over):
+            subject = Subject(srv.address, client, info_over, srv.metrics_url, srv.pid)
+            overload = await measure_overload(subject, workload, overload_settings(cfg), progress)
     done = replace(
         doc,
         raw=raw,
         lone=lone,
         paired=paired,
         series=(on_series, off_series),
-        summary=summarise(cfg, on, off, paired, lone),
+        summary=summarise(cfg, on, off, paired, lone) | (overload_summary(overload) if overload else {}),
         sections={
             "Lone calls, interleaved": lone_section(lone),
             f"Efficiency at {paired.callers} callers, paired rounds": paired_section(paired),
             "Batching on against off": comparison_section(cfg, on, off),
+            **(overload_sections(overload) if overload else {}),
         },
+        overload=overload,
     )
     report.publish(done, cfg.out, cfg.markdown, cfg.p99_target_ms)
     return 0

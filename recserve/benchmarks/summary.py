@@ -1,16 +1,28 @@
 """Figures computed from a step's recorded calls: throughput and latency over windows, warm-up failures, how
-well the open loop kept its schedule, and the checks that the figures add up."""
+well the open loop kept its schedule, the calls by status and the goodput, and the checks that the figures
+add up."""
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 
 from recserve.benchmarks import stats
 from recserve.benchmarks.recorder import CODE_NAMES, OK, PENDING, WARMUP, CallTable, Windows
-from recserve.benchmarks.results import Consistency, Figures, Schedule, Warmup
+from recserve.benchmarks.results import (
+    Consistency,
+    Figures,
+    Outcomes,
+    Schedule,
+    StatusFigures,
+    Warmup,
+)
 
 # More than this share of the calls left late: the client, not only the server, limited the step.
 FELL_BEHIND_FRACTION = 0.01
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+# The status name of calls that never got an answer (in flight when the step ended).
+NO_ANSWER = "NO_ANSWER"
 
 
 def figures(
@@ -94,3 +106,62 @@ def consistency(fig: Figures) -> Consistency:
         percentiles_ordered=stats.percentiles_ordered(fig.latency_ms),
         errors_add_up=sum(fig.errors.values()) == fig.failed,
     )
+
+
+def status_name(code: int) -> str:
+    if code == PENDING:
+        return NO_ANSWER
+    return CODE_NAMES.get(code, f"CODE_{code}")
+
+
+def outcomes(calls: CallTable, windows: Windows, first: int, last: int, *, deadline_s: float) -> Outcomes:
+    """Windows `first`..`last` by status (each status's count, share and latency) and the goodput.
+
+    The statuses are of the calls that belong to the windows (they add up to the calls sent). The goodput,
+    like throughput, counts the answers that arrive inside the windows: OK ones within the deadline. Counted
+    by sending window instead, a level whose queue is still filling would also be credited with the answers
+    to its last calls that come after the window, and could show more goodput than the server delivered.
+
+    NOTE: every latency here runs from the *scheduled* send (as in `figures`), and so does the deadline of
+    the goodput: an OK answer that came after the deadline counted from there (the client sent it late,
+    say) is no use to the caller it was due for, so it is OK but not good.
+    """
+    start, end = windows.bounds(first, last)
+    rows = calls.within(first, last)
+    code = calls.code[rows]
+    latency = calls.end[rows] - calls.sched[rows]
+    answered = code != PENDING
+    sent = int(rows.sum())
+    statuses: dict[str, StatusFigures] = {}
+    values, counts = np.unique(code, return_counts=True)
+    # OK first, then the most frequent: the order a reader scans them in.
+    order = sorted(zip(values.tolist(), counts.tolist(), strict=True), key=lambda vc: (vc[0] != OK, -vc[1]))
+    for value, count in order:
+        of = code == value
+        statuses[status_name(value)] = StatusFigures(
+            calls=count,
+            share=round(count / sent, 6),
+            latency_ms=stats.latency_summary(latency[of & answered]),
+        )
+    # NaN ends (pending calls) compare false: they arrived in no window.
+    arrived = (calls.code == OK) & (calls.end >= start) & (calls.end < end)
+    good = int((arrived & (calls.end - calls.sched <= deadline_s)).sum())
+    admitted = answered & (code != RESOURCE_EXHAUSTED)
+    return Outcomes(
+        deadline_s=deadline_s,
+        sent=sent,
+        statuses=statuses,
+        good=good,
+        goodput_per_s=stats.rate(good, end - start),
+        admitted_latency_ms=stats.latency_summary(latency[admitted]),
+    )
+
+
+def answered_between(
+    ends: np.ndarray, codes: np.ndarray, texts: np.ndarray, start: float, end: float
+) -> tuple[int, int, dict[str, int]]:
+    """Calls answered in [start, end): (OK calls, their texts, failures by status name)."""
+    inside = (ends >= start) & (ends < end)
+    ok = inside & (codes == OK)
+    failed = codes[inside & (codes != OK)]
+    return int(ok.sum()), int(texts[ok].sum()), stats.error_counts(failed, CODE_NAMES)

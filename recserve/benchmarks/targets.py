@@ -30,10 +30,29 @@ class TargetError(RuntimeError):
 
 @contextlib.asynccontextmanager
 async def connected(
-    target: str, tls: bool = False, root_cert: Path | None = None
+    target: str,
+    tls: bool = False,
+    root_cert: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    token_file: Path | None = None,
 ) -> AsyncIterator[AsyncClient]:
-    roots = await asyncio.to_thread(root_cert.read_bytes) if root_cert is not None else None
-    async with AsyncClient(target, tls=tls, root_certificates=roots) as client:
+    """The client the harness loads `target` through: TLS with a CA, a client certificate, a token."""
+
+    def read(path: Path | None) -> bytes | None:
+        return None if path is None else path.read_bytes()
+
+    roots, chain, key, token = await asyncio.to_thread(
+        lambda: (read(root_cert), read(tls_cert), read(tls_key), read(token_file))
+    )
+    async with AsyncClient(
+        target,
+        tls=tls,
+        root_certificates=roots,
+        certificate_chain=chain,
+        private_key=key,
+        token=None if token is None else token.decode().strip(),
+    ) as client:
         yield client
 
 

@@ -27,20 +27,51 @@ def fake_vector(text: str, dim: int) -> list[float]:
 
 
 class FakeInference(pb_grpc.InferenceServicer):
-    """A recserve server without a model: deterministic vectors, optional delay, optional one-at-a-time."""
+    """A recserve server without a model: deterministic vectors, optional delay, optional one-at-a-time.
+
+    With `capacity` (texts/s) it is one worker that takes the calls in order, each costing its texts over
+    `capacity` seconds: a queue forms under load. With `refuse` it admits by time, as the overload issue
+    asks: a call that could not finish within its deadline, given the work queued before it, is refused
+    at once with RESOURCE_EXHAUSTED. Without, it queues everything and works on for callers who left.
+    """
 
     def __init__(
-        self, *, dim: int = 8, limits: pb.Limits | None = None, delay_s: float = 0.0, serial: bool = False
+        self,
+        *,
+        dim: int = 8,
+        limits: pb.Limits | None = None,
+        delay_s: float = 0.0,
+        serial: bool = False,
+        capacity: float | None = None,
+        refuse: bool = True,
     ) -> None:
         self.dim = dim
         self.limits = limits or pb.Limits(max_texts_per_call=2048, max_message_bytes=64 * 1024 * 1024)
         self.delay_s = delay_s
         self.serial = serial
+        self.capacity = capacity
+        self.refuse = refuse
         self.calls: Counter[str] = Counter()
         self.batches: list[int] = []
+        self.refused = 0
         self._lock: asyncio.Lock | None = None
+        self._free_at = 0.0  # loop time at which the worker has done all the work admitted so far
 
-    async def _work(self) -> None:
+    async def _queue(self, texts: int, context: grpc.aio.ServicerContext) -> None:
+        assert self.capacity is not None
+        now = asyncio.get_running_loop().time()
+        done_at = max(now, self._free_at) + texts / self.capacity
+        remaining = context.time_remaining()
+        if self.refuse and remaining is not None and done_at - now > remaining:
+            self.refused += 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "cannot finish within the deadline")
+        self._free_at = done_at
+        await asyncio.sleep(done_at - now)
+
+    async def _work(self, texts: int, context: grpc.aio.ServicerContext) -> None:
+        if self.capacity is not None:
+            await self._queue(texts, context)
+            return
         if self._lock is None:
             self._lock = asyncio.Lock()
         if self.serial:
@@ -77,7 +108,7 @@ class FakeInference(pb_grpc.InferenceServicer):
         self.calls["Embed"] += 1
         self.batches.append(len(request.texts))
         await self._check(request.texts, context)
-        await self._work()
+        await self._work(len(request.texts), context)
         vectors = np.array([fake_vector(t, self.dim) for t in request.texts], dtype=np.float32).reshape(
             -1, self.dim
         )
@@ -103,7 +134,7 @@ class FakeInference(pb_grpc.InferenceServicer):
         )
         self.batches.append(len(fixed) + len(request.candidates))
         await self._check([*fixed, *request.candidates], context)
-        await self._work()
+        await self._work(len(fixed) + len(request.candidates), context)
         return pb.ScoreResponse(scores=[float(len(c)) for c in request.candidates])
 
 
