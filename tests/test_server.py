@@ -24,18 +24,14 @@ from recserve.server.runtime import (
 from recserve.tensors import Encoded, FloatArray
 from recserve.v1 import inference_pb2 as pb
 from tests.support.repository import run_repository
-from tests.support.serving import assert_each_is_its_own, concurrent_single_text_calls, embed, serving
-
-TEXTS = [
-    "a red running shoe",
-    "wireless noise-cancelling headphones with a long battery life",
-    "",
-    "   ",
-    "日本語のテキスト",
-    "emoji 🎧🔥 and more",
-    "the quick brown fox jumps over the lazy dog " * 3,
-]
-MANY_TEXTS = [f"item {i}: " + "token " * (i % 37) for i in range(500)]
+from tests.support.serving import (
+    MANY_TEXTS,
+    TEXTS,
+    assert_each_is_its_own,
+    concurrent_single_text_calls,
+    embed,
+    serving,
+)
 
 
 # --- runtime selection ----------------------------------------------------------------------------------

@@ -21,6 +21,17 @@ from recserve.v1 import inference_pb2 as pb
 from recserve.v1 import inference_pb2_grpc as pb_grpc
 
 MiB = 1024 * 1024
+# Texts the end-to-end tests send: empty, blank, non-Latin, emoji, long; and many for concurrency tests.
+TEXTS = [
+    "a red running shoe",
+    "wireless noise-cancelling headphones with a long battery life",
+    "",
+    "   ",
+    "日本語のテキスト",
+    "emoji 🎧🔥 and more",
+    "the quick brown fox jumps over the lazy dog " * 3,
+]
+MANY_TEXTS = [f"item {i}: " + "token " * (i % 37) for i in range(500)]
 
 
 def settings_for(repo: Path, **overrides: Any) -> ServerSettings:
