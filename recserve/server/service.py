@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
+# Refusals that shed load (logged at debug): the caller did nothing wrong and should retry elsewhere.
+_SHED = (errors.Overloaded, errors.DeadlineExceeded, errors.Unavailable)
+
 # The wire form of vectors: None is repeated floats, a dtype is packed little-endian bytes.
 _ENCODINGS: dict[int, np.dtype[np.floating] | None] = {
     pb.VECTOR_ENCODING_UNSPECIFIED: None,
@@ -188,7 +191,12 @@ class InferenceService(pb_grpc.InferenceServicer):
         known = isinstance(failure, errors.ServeError) and not isinstance(failure, errors.Internal)
         code = status_code(failure)
         if known:
-            log.info("call refused", extra={"request_id": request_id, "rpc": rpc, "code": code.name})
+            # NOTE: shedding load is the normal case under overload, and one line per refused call would
+            # turn it into a log storm that costs the loop more than the refusal; the metrics count them.
+            level = logging.DEBUG if isinstance(failure, _SHED) else logging.INFO
+            if log.isEnabledFor(level):
+                where = {"request_id": request_id, "rpc": rpc, "code": code.name}
+                log.log(level, "call refused", extra=where)
             message = str(failure)
         else:
             log.error("internal error", exc_info=failure, extra={"request_id": request_id, "rpc": rpc})
@@ -209,10 +217,16 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.metrics.request_seconds.labels(rpc).observe(seconds)
         if reason is not None:
             self.metrics.failures.labels(reason).inc()
-        log.debug(
-            "call",
-            extra={"request_id": request_id, "rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 3)},
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "call",
+                extra={
+                    "request_id": request_id,
+                    "rpc": rpc,
+                    "code": code.name,
+                    "ms": round(1e3 * seconds, 3),
+                },
+            )
 
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[object, object]
