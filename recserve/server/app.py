@@ -58,13 +58,22 @@ class RunningServer:
 
 
 def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
-    return [
+    options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Let clients keep connections alive through idle periods without being GOAWAY'd.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
+    if settings.max_connection_age_s > 0:
+        # gRPC keeps a connection for ever, so a replica added by a scale-up would get no traffic from the
+        # clients already connected; a GOAWAY after this age makes them reconnect, and calls in flight get
+        # the drain grace to finish.
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.grace_period_s * 1000)),
+        ]
+    return options
 
 
 def warmup_batches(max_batch_size: int, max_batch_tokens: int, max_length: int) -> list[list[Encoded]]:

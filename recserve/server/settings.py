@@ -95,6 +95,12 @@ class ServerSettings(BaseSettings):
     max_text_bytes: int = Field(65536, ge=1, description="UTF-8 bytes of one text")
     max_message_bytes: int = Field(64 * MiB, ge=1024, description="gRPC message size, both directions")
     grace_period_s: float = Field(30.0, ge=0, description="time in-flight calls get to finish on SIGTERM")
+    max_connection_age_s: float = Field(
+        300.0,
+        ge=0,
+        description="a client connection is closed gracefully after this long, so clients re-resolve and"
+        " spread onto replicas added since; 0 = never",
+    )
     warmup: bool = Field(True, description="run a batch of each size class before reporting SERVING")
     skip_verify: bool = Field(
         False,
