@@ -12,7 +12,7 @@ METRICS_PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test bench lint proto docs clean
+.PHONY: serve test bench bench-soak lint proto docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ $(BIN)/python:
 # One stamp for everything: the export toolchain is needed on first `make serve` to build the default model.
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q -c constraints.txt "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -c constraints.txt -e ".[export,dev,bench]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[cpu,export,dev,bench]"
 	touch $@
 
 $(MODEL_REPO)/manifest.json: | $(VENV)/.installed
@@ -36,10 +36,21 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed $(MODEL_REPO)/manifest.json
 	$(BIN)/recserve bench suite --model-repo $(MODEL_REPO) --out benchmarks/results --markdown BENCHMARKS.md
 
+# Ten minutes at 0.7 of capacity with the mixed workload: leaks and drift. Not part of `make bench` or CI.
+bench-soak: $(VENV)/.installed $(MODEL_REPO)/manifest.json
+	$(BIN)/recserve bench soak --model-repo $(MODEL_REPO) --out bench-out/soak
+
+# 1, 2 and 3 local replicas behind one round-robin client, then one replica's backlog under a load step and
+# when the shipped HPA (deploy/) would have scaled: benchmarks/fleet/ (FLEET.md, fleet.json, backlog.png).
+.PHONY: bench-fleet
+bench-fleet: $(VENV)/.installed $(MODEL_REPO)/manifest.json
+	$(BIN)/recserve bench fleet --model-repo $(MODEL_REPO) --out benchmarks/fleet
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check recserve tests
 	$(BIN)/ruff format --check recserve tests
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
 proto: $(VENV)/.installed
 	$(BIN)/python -m recserve.protos

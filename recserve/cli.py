@@ -1,7 +1,8 @@
-"""The `recserve` command: `export`, `serve` and `bench` subcommands.
+"""The `recserve` command: `export`, `serve`, `bench` and `health` subcommands.
 
-Each subcommand lives in its own package (`recserve.<pkg>.command`) with `configure(parser)` and
-`run(args) -> int`; only the chosen one is imported, so `serve` never pays for (or needs) torch.
+Each subcommand lives in its own module (`recserve.<pkg>.command`, or `recserve.health`) with
+`configure(parser)` and `run(args) -> int`; only the chosen one runs, so `serve` never pays for (or needs)
+torch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ SUBCOMMANDS = {
     "export": ("recserve.export.command", "Hugging Face checkpoint -> ONNX model repository"),
     "serve": ("recserve.server.command", "serve a model repository over gRPC"),
     "bench": ("recserve.benchmarks.command", "load-test a server and write a report"),
+    "health": ("recserve.health", "ask a server's grpc.health.v1 for its status; exit 0 when SERVING"),
 }
 
 

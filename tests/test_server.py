@@ -188,3 +188,17 @@ def test_serve_refuses_bad_settings_with_one_line(
     assert main(["serve", "--model-repo", str(tiny_repo), "--port", "0", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_serve_without_an_onnx_runtime_says_which_extra_to_install(
+    tiny_repo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The base install carries no runtime (the cpu and gpu extras exclude each other)."""
+    from recserve.cli import main
+
+    for name in ("recserve.server.runtime", "recserve.runner"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now fails
+    assert main(["serve", "--model-repo", str(tiny_repo), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "recserve serve: onnxruntime is not installed: pip install 'recserve[cpu]' (or 'recserve[gpu]')"

@@ -49,8 +49,19 @@ def run(args: argparse.Namespace) -> int:
 
     from recserve.manifest import ManifestError
     from recserve.server.logs import configure_logging
-    from recserve.server.runtime import RuntimeSelectionError
     from recserve.server.security import SecurityError
+
+    try:
+        from recserve.server.runtime import RuntimeSelectionError
+    except ModuleNotFoundError as exc:
+        if exc.name != "onnxruntime":
+            raise
+        # NOTE: the base install names no runtime, so that the CPU and GPU builds never meet in one venv.
+        print(
+            "recserve serve: onnxruntime is not installed: pip install 'recserve[cpu]' (or 'recserve[gpu]')",
+            file=sys.stderr,
+        )
+        return 2
 
     given: dict[str, Any] = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields}
     try:
