@@ -3,11 +3,17 @@
 Both split big calls so that each stays under the limits the server advertises in Info (texts per call and
 message bytes), decode packed vectors into numpy arrays, and raise one exception class per gRPC status code.
 The planning and decoding are plain functions shared by both; the classes only add the transport.
+
+A target may name several replicas (`dns:///NAME:PORT`, a list of addresses, or `ipv4:A:P,B:Q`): the channel
+then balances calls round robin over them, skips replicas whose health says NOT_SERVING, and retries the
+idempotent RPCs on UNAVAILABLE (`service_config`), so a draining replica's calls move to the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -293,6 +299,88 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+# --- targets and the service config (several replicas behind one channel) -------------------------------
+
+Target = str | Sequence[str]
+# Embed, Score and Info change nothing on the server, so a call refused by a draining or unreachable
+# replica can be sent again to another one.
+RETRIED_METHODS = ("Embed", "Score", "Info")
+# gRPC caps maxAttempts at 5 (the first attempt included).
+MAX_ATTEMPTS_LIMIT = 5
+DEFAULT_MAX_ATTEMPTS = 4
+_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
+
+
+def _ip_address(address: str) -> tuple[int, str]:
+    """(IP version, "IP:PORT" as gRPC wants it) of one `IP:PORT` or `[IPv6]:PORT`; ValueError otherwise."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"{address!r} is not IP:PORT")
+    try:
+        ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        raise ValueError(
+            f"{address!r}: a list of replicas takes IP:PORT addresses; for a name use dns:///{address}"
+        ) from None
+    return ip.version, f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def channel_target(target: Target) -> str:
+    """The gRPC target for `target`.
+
+    A string with a scheme (`dns:///NAME:PORT`, `ipv4:A:P,B:Q`, `ipv6:[A]:P,...`, `unix:PATH`) or a plain
+    `HOST:PORT` goes to gRPC as it is. A list of `IP:PORT` addresses, or the same comma-separated without a
+    scheme, becomes one static `ipv4:` (or `ipv6:`) target; ValueError on a name or on mixed IP versions.
+    """
+    if isinstance(target, str):
+        if target.startswith(_SCHEMES) or "," not in target:
+            if not target.strip():
+                raise ValueError("empty target")
+            return target
+        target = target.split(",")
+    parsed = [_ip_address(a) for a in target if a.strip()]
+    if not parsed:
+        raise ValueError("no address in the target list")
+    versions = {v for v, _ in parsed}
+    if len(versions) > 1:
+        raise ValueError("a list of replicas takes IPv4 or IPv6 addresses, not both (gRPC's ipv4:/ipv6:)")
+    return f"ipv{versions.pop()}:" + ",".join(a for _, a in parsed)
+
+
+def names_a_fleet(target: Target) -> bool:
+    """Whether `target` may stand for several replicas: anything but a plain HOST:PORT."""
+    return not isinstance(target, str) or target.startswith(_SCHEMES) or "," in target
+
+
+def service_config(max_attempts: int = DEFAULT_MAX_ATTEMPTS, health_check: bool = True) -> dict[str, Any]:
+    """The channel's service config: round robin over every address the target resolves to, retries of
+    Embed, Score and Info on UNAVAILABLE (`max_attempts` in all, 1: none) with jittered exponential backoff,
+    and with `health_check` gRPC's client-side health checking of SERVICE_NAME (a NOT_SERVING replica is
+    taken out of the rotation until it says SERVING again)."""
+    if not 1 <= max_attempts <= MAX_ATTEMPTS_LIMIT:
+        raise ValueError(f"max_attempts must be in 1..{MAX_ATTEMPTS_LIMIT} (gRPC's cap), got {max_attempts}")
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if max_attempts > 1:
+        # NOTE: only UNAVAILABLE (draining, not warm yet, unreachable): RESOURCE_EXHAUSTED means the fleet is
+        # full, and a retry would add load where there is no room. No retryThrottling: the count per call is
+        # bounded, and a drain makes a burst of UNAVAILABLE that a token bucket would turn into failures.
+        config["methodConfig"] = [
+            {
+                "name": [{"service": SERVICE_NAME, "method": m} for m in RETRIED_METHODS],
+                "retryPolicy": {
+                    "maxAttempts": max_attempts,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    if health_check:
+        config["healthCheckConfig"] = {"serviceName": SERVICE_NAME}
+    return config
+
+
 @dataclass(frozen=True, slots=True)
 class _Transport:
     """How a client reaches the server: channel credentials, channel options and per-call metadata."""
@@ -310,11 +398,15 @@ def _transport(
     private_key: bytes | None,
     server_name: str | None,
     token: str | None,
+    config: dict[str, Any],
 ) -> _Transport:
     """TLS when asked or when any TLS material is given; ValueError on half a client certificate."""
     if (certificate_chain is None) != (private_key is None):
         raise ValueError("pass both certificate_chain= and private_key= (mutual TLS), or neither")
     options = channel_options(max_message_bytes)
+    options.append(("grpc.service_config", json.dumps(config)))
+    # The config above, not one a DNS TXT record might carry.
+    options.append(("grpc.service_config_disable_resolution", 1))
     secure = tls or root_certificates is not None or certificate_chain is not None
     credentials = None
     if secure:
@@ -408,6 +500,11 @@ class _Base:
 class Client(_Base):
     """Blocking client. `with Client("127.0.0.1:50051") as c: c.embed(["a text"])`.
 
+    `target`: `HOST:PORT`, or several replicas: `dns:///NAME:PORT` (every address NAME resolves to), a list
+    of `IP:PORT`, or `ipv4:A:P,B:Q` (see `channel_target`). Calls go round robin; Embed, Score and Info are
+    retried on UNAVAILABLE, `max_attempts` attempts in all (1: no retry). `health_check` (default: on for
+    several replicas, off for a plain HOST:PORT) takes NOT_SERVING replicas out of the rotation.
+
     TLS: `tls=True` (system roots) or `root_certificates=` (a CA bundle, PEM); mutual TLS adds
     `certificate_chain=` and `private_key=`; `server_name=` checks the server's certificate against that
     name instead of the target's host. `token=` is sent as `authorization: Bearer <token>` on every call.
@@ -415,7 +512,7 @@ class Client(_Base):
 
     def __init__(
         self,
-        target: str = "127.0.0.1:50051",
+        target: Target = "127.0.0.1:50051",
         *,
         tls: bool = False,
         root_certificates: bytes | None = None,
@@ -425,16 +522,27 @@ class Client(_Base):
         token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         deadline: float | None = 30.0,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        health_check: bool | None = None,
     ) -> None:
+        self.target = channel_target(target)
+        config = service_config(max_attempts, names_a_fleet(target) if health_check is None else health_check)
         transport = _transport(
-            max_message_bytes, tls, root_certificates, certificate_chain, private_key, server_name, token
+            max_message_bytes,
+            tls,
+            root_certificates,
+            certificate_chain,
+            private_key,
+            server_name,
+            token,
+            config,
         )
         super().__init__(max_message_bytes, deadline, transport)
         creds, opts = transport.credentials, transport.options
         self.channel: grpc.Channel = (
-            grpc.insecure_channel(target, options=opts)
+            grpc.insecure_channel(self.target, options=opts)
             if creds is None
-            else grpc.secure_channel(target, creds, options=opts)
+            else grpc.secure_channel(self.target, creds, options=opts)
         )
         self.stub = pb_grpc.InferenceStub(self.channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -502,7 +610,8 @@ class Client(_Base):
 class AsyncClient(_Base):
     """asyncio client over grpc.aio. `async with AsyncClient(target) as c: await c.embed([...])`.
 
-    It takes the same TLS and token arguments as `Client`.
+    It takes the same targets (one replica or several), retry, health-check, TLS and token arguments as
+    `Client`.
 
     The chunks of one big call run concurrently, at most `max_concurrent_chunks` at a time, so the server
     can batch them together.
@@ -510,7 +619,7 @@ class AsyncClient(_Base):
 
     def __init__(
         self,
-        target: str = "127.0.0.1:50051",
+        target: Target = "127.0.0.1:50051",
         *,
         tls: bool = False,
         root_certificates: bytes | None = None,
@@ -521,17 +630,27 @@ class AsyncClient(_Base):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         deadline: float | None = 30.0,
         max_concurrent_chunks: int = 4,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        health_check: bool | None = None,
     ) -> None:
+        self.target = channel_target(target)
+        config = service_config(max_attempts, names_a_fleet(target) if health_check is None else health_check)
         transport = _transport(
-            max_message_bytes, tls, root_certificates, certificate_chain, private_key, server_name, token
+            max_message_bytes,
+            tls,
+            root_certificates,
+            certificate_chain,
+            private_key,
+            server_name,
+            token,
+            config,
         )
         super().__init__(max_message_bytes, deadline, transport)
-        self.target = target
         creds, opts = transport.credentials, transport.options
         self.channel: grpc.aio.Channel = (
-            grpc.aio.insecure_channel(target, options=opts)
+            grpc.aio.insecure_channel(self.target, options=opts)
             if creds is None
-            else grpc.aio.secure_channel(target, creds, options=opts)
+            else grpc.aio.secure_channel(self.target, creds, options=opts)
         )
         self.stub = pb_grpc.InferenceStub(self.channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self.channel)

@@ -201,4 +201,6 @@ def test_serve_without_an_onnx_runtime_says_which_extra_to_install(
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now fails
     assert main(["serve", "--model-repo", str(tiny_repo), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "recserve serve: onnxruntime is not installed: pip install 'recserve[cpu]' (or 'recserve[gpu]')"
+    assert err == (
+        "recserve serve: onnxruntime is not installed: pip install 'recserve[cpu]' (or 'recserve[gpu]')"
+    )

@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   recserve bench suite --model-repo models/all-MiniLM-L6-v2 --out benchmarks/results --markdown BENCHMARKS.md
   recserve bench overload --model-repo models/all-MiniLM-L6-v2       # or --target HOST:PORT --pid PID
   recserve bench soak --target 127.0.0.1:50051 --pid 4242 --minutes 10 --fraction 0.7
+  recserve bench fleet --model-repo models/all-MiniLM-L6-v2 --out benchmarks/fleet   # 1..3 local replicas
 """
 
 
@@ -143,10 +144,58 @@ def _configure_soak(sub: Any, cores: int) -> None:
     o.add_argument("--quiet", action="store_true", help="no live progress line")
 
 
+FLEET_DESCRIPTION = """\
+Local replicas of a model repository behind one round-robin client: 1, 2, ... N replicas, a closed loop
+each (aggregate texts/s, each replica's calls and CPU) and a paper model of bigger nodes; then one replica
+under a load step (idle, a multiple of its capacity, idle) with its backlog gauge over time and when the
+shipped HPA (deploy/) would have scaled. Writes fleet.json, FLEET.md and backlog.png to --out."""
+
+
+def _configure_fleet(sub: Any, cores: int) -> None:
+    p = sub.add_parser(
+        "fleet",
+        help="replicas behind one client; the backlog under a load step",
+        description=FLEET_DESCRIPTION,
+    )
+    p.add_argument("--model-repo", type=Path, required=True, help="model repository the replicas serve")
+    g = p.add_argument_group("replicas")
+    g.add_argument("--replicas", type=int, default=3, help="measure 1, 2, ... up to this many replicas (3)")
+    g.add_argument("--callers", type=int, default=64, help="closed-loop callers through the one client (64)")
+    g.add_argument("--threads", type=int, default=cores, help=f"ORT threads of each replica ({cores})")
+    g.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per replica count (2)")
+    g.add_argument("--duration", type=float, default=10.0, help="seconds of each count's window (10)")
+    g.add_argument(
+        "--model-cores", default="4,8,16,32", help="cores of the nodes in the paper model (4,8,16,32)"
+    )
+    s = p.add_argument_group("load step (one replica)")
+    s.add_argument("--level", type=float, default=2.0, help="rate, a multiple of one replica's capacity (2)")
+    s.add_argument("--idle", type=float, default=5.0, help="seconds idle before and after the step (5)")
+    s.add_argument("--step-duration", type=float, default=20.0, help="seconds of the step (20)")
+    s.add_argument("--step-deadline", type=float, default=2.0, help="gRPC deadline of the step's calls (2)")
+    s.add_argument("--scrape-every", type=float, default=0.5, help="seconds between backlog scrapes (0.5)")
+    h = p.add_argument_group("HPA model")
+    h.add_argument(
+        "--deploy-dir",
+        type=Path,
+        default=Path("deploy"),
+        help="manifests: base/hpa.yaml, the ServiceMonitor, the adapter rule (deploy)",
+    )
+    h.add_argument("--sync-period", type=float, default=15.0, help="HPA controller sync period, s (15)")
+    _add_workload_flags(p)
+    o = p.add_argument_group("output")
+    o.add_argument(
+        "--out", type=Path, default=Path("bench-out/fleet"), help="fleet.json, FLEET.md, backlog.png"
+    )
+    o.add_argument("--markdown", type=Path, help="Markdown summary path (OUT/FLEET.md)")
+    o.add_argument("--quiet", action="store_true", help="no live progress line")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="{run,suite,overload,soak}")
+    sub = parser.add_subparsers(
+        dest="bench_command", required=True, metavar="{run,suite,overload,soak,fleet}"
+    )
     cores = os.cpu_count() or 1
 
     run = sub.add_parser(
@@ -247,6 +296,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _add_load_flags(suite, duration=5.0, warmup=2.0)
     _configure_overload(sub, cores)
     _configure_soak(sub, cores)
+    _configure_fleet(sub, cores)
     parser.set_defaults(_bench_argv=None)
 
 
@@ -271,6 +321,10 @@ def run(args: argparse.Namespace) -> int:
             from recserve.benchmarks.soak import run_soak
 
             return asyncio.run(run_soak(flags.soak_config(args, args._bench_argv)))
+        if args.bench_command == "fleet":
+            from recserve.benchmarks.fleet import run_fleet
+
+            return asyncio.run(run_fleet(flags.fleet_config(args, args._bench_argv)))
         from recserve.benchmarks.suite import run_suite
 
         return asyncio.run(run_suite(flags.suite_config(args, args._bench_argv)))

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recserve.benchmarks import process
 from recserve.benchmarks.config import (
@@ -28,6 +29,9 @@ from recserve.benchmarks.workloads import (
     parse_length_spec,
     parse_rpc_mix,
 )
+
+if TYPE_CHECKING:
+    from recserve.benchmarks.fleet import FleetConfig
 
 
 def int_list(flag: str, text: str) -> tuple[int, ...]:
@@ -310,6 +314,48 @@ def soak_config(args: argparse.Namespace, argv: Sequence[str] | None = None) -> 
         capacity_window_s=args.capacity_duration,
         max_in_flight=args.max_in_flight,
         out=args.out,
+        progress=not args.quiet,
+        command=command_line(argv),
+    )
+
+
+def fleet_config(args: argparse.Namespace, argv: Sequence[str] | None = None) -> FleetConfig:
+    """`bench fleet`: every flag checked before the first replica starts."""
+    from recserve.benchmarks.fleet import FleetConfig
+
+    for flag, value in (
+        ("--duration", args.duration),
+        ("--level", args.level),
+        ("--step-duration", args.step_duration),
+        ("--step-deadline", args.step_deadline),
+        ("--scrape-every", args.scrape_every),
+        ("--sync-period", args.sync_period),
+    ):
+        positive(flag, value)
+    positive("--warmup", args.warmup, allow_zero=True)
+    positive("--idle", args.idle, allow_zero=True)
+    if min(args.replicas, args.callers, args.threads) < 1:
+        raise ConfigError("--replicas, --callers and --threads must be >= 1")
+    check_repo(args.model_repo)
+    _lengths(args.workload)
+    return FleetConfig(
+        model_repo=args.model_repo,
+        replicas=args.replicas,
+        callers=args.callers,
+        threads=args.threads,
+        warmup_s=args.warmup,
+        window_s=args.duration,
+        level=args.level,
+        idle_s=args.idle,
+        load_s=args.step_duration,
+        step_deadline_s=args.step_deadline,
+        scrape_every_s=args.scrape_every,
+        deploy_dir=args.deploy_dir,
+        sync_period_s=args.sync_period,
+        model_cores=int_list("--model-cores", args.model_cores),
+        workload=WorkloadSpec(lengths=args.workload, seed=args.seed, encoding=args.encoding),
+        out=args.out,
+        markdown=args.markdown,
         progress=not args.quiet,
         command=command_line(argv),
     )

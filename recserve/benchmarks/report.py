@@ -17,6 +17,7 @@ from typing import Any, Literal, TextIO
 from recserve.benchmarks.results import (
     Document,
     Json,
+    LoadStep,
     Machine,
     Series,
     StepResult,
@@ -105,12 +106,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-Kind = Literal["run", "suite", "overload", "soak"]
+Kind = Literal["run", "suite", "overload", "soak", "fleet"]
 TITLES: dict[Kind, str] = {
     "run": "recserve benchmark run",
     "suite": "recserve benchmarks",
     "overload": "recserve overload benchmark",
     "soak": "recserve soak",
+    "fleet": "recserve fleet: replicas behind one client, and the backlog under a load step",
 }
 
 
@@ -216,7 +218,7 @@ def print_tables(doc: Document, out: TextIO | None = None) -> None:
             f"({raw.threads} threads); single text p50 {_fmt(raw.single.latency_ms.p50, 2)} ms",
             file=out,
         )
-    if doc.kind in ("overload", "soak"):  # their sections are their tables
+    if doc.kind in ("overload", "soak", "fleet"):  # their sections are their tables
         for heading, body in (doc.sections or {}).items():
             print(f"\n{heading}\n", file=out)
             print("\n".join(body), file=out)
@@ -355,6 +357,35 @@ def plot_batch_sizes(doc: Document, path: Path, max_steps: int = 4) -> Path | No
     ax.set_ylabel("share of batches")
     ax.set_title("Batch sizes formed by the server")
     ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def plot_backlog(load: LoadStep, path: Path) -> Path | None:
+    """The backlog gauge over time through a load step, with the HPA's threshold and modelled decisions."""
+    points = [(x.t_s, x.backlog_s) for x in load.samples if x.backlog_s is not None]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.axvspan(
+        load.load_start_s,
+        load.load_end_s,
+        color="tab:orange",
+        alpha=0.15,
+        label=f"open loop at {load.level:g}x capacity ({load.rate_per_s:g} calls/s)",
+    )
+    ax.plot([t for t, _ in points], [v for _, v in points], marker=".", label="recserve_backlog_seconds")
+    v = load.verdict
+    ax.axhline(v.threshold, color="grey", linestyle=":", label=f"HPA threshold {v.threshold:g} s")
+    for name, at in (("earliest", v.earliest_s), ("latest", v.latest_s)):
+        if at is not None:
+            ax.axvline(load.load_start_s + at, color="tab:red", linestyle="--", alpha=0.6)
+            ax.annotate(f"HPA scales ({name}): +{at:g} s", (load.load_start_s + at, v.threshold), fontsize=7)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("backlog (seconds of queued model work)")
+    ax.set_title("Backlog of one replica under a load step (model: when an HPA would scale)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
     return _save(fig, plt, path)
 
 

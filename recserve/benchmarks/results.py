@@ -435,6 +435,139 @@ class SoakResult:
     step: StepResult
 
 
+# --- fleet: replicas behind one client, the backlog under a load step ------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplicaShare:
+    """One replica during a fleet window: the calls its own metrics counted and the CPU it used."""
+
+    address: str
+    pid: int | None
+    ok_calls: int | None
+    """Embed calls answered OK, from its recserve_requests_total; None when a scrape failed."""
+    cpu_cores: float | None
+    """utime + stime of /proc/PID/stat over the window, over the window's length."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FleetStep:
+    """A closed loop through one round-robin client over `replicas` local replicas."""
+
+    replicas: int
+    texts_per_s: float
+    server_cores: float | None
+    """The replicas' CPU together, in cores."""
+    client_cores: float | None
+    """The load generator's own CPU (this process), in cores: it shares the machine with the replicas."""
+    shares: tuple[ReplicaShare, ...]
+    start_s: float
+    """How long the replica added for this step took to say SERVING (load and warm-up)."""
+    step: StepResult
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelRow:
+    """A computed row of the paper model: never a measurement."""
+
+    node: str
+    cores: int | None
+    texts_per_s: float | None
+    how: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScalePolicy:
+    kind: str
+    """Pods or Percent."""
+    value: int
+    period_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class HpaSettings:
+    """What the HPA model assumes: the shipped manifests' values where they were read, defaults otherwise."""
+
+    source: str
+    metric: str
+    target_average: float
+    """The target averageValue of the metric, per pod."""
+    tolerance: float
+    sync_period_s: float
+    scrape_interval_s: float
+    average_window_s: float | None
+    """The adapter's avg_over_time window; None: the latest sample."""
+    min_replicas: int
+    max_replicas: int
+    scale_up_window_s: float
+    scale_up_policies: tuple[ScalePolicy, ...]
+    select_policy: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class HpaVerdict:
+    """When the modelled HPA first scales up after the step starts, over every phase of scrapes and syncs."""
+
+    threshold: float
+    """The metric value above which it scales: target x (1 + tolerance)."""
+    gauge_crossed_s: float | None
+    """First sample of the gauge itself above the threshold, seconds after the step started."""
+    phases: int
+    """Combinations of scrape phase and sync phase modelled (a grid over both periods)."""
+    scaled: int
+    """Of them, how many scale up within the horizon."""
+    earliest_s: float | None
+    median_s: float | None
+    latest_s: float | None
+    replicas_from: int
+    replicas_to_min: int | None
+    replicas_to_max: int | None
+    horizon_s: float
+    """The last sync modelled, seconds after the step started: the recording's end plus the averaging window
+    (the gauge taken as 0 after the recording: idle)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BacklogSample:
+    t_s: float
+    """Seconds since the recording started."""
+    backlog_s: float | None
+    """recserve_backlog_seconds; None when that scrape failed."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadStep:
+    """One replica: idle, an open loop at `level` x its capacity, idle again; the backlog gauge throughout."""
+
+    capacity_per_s: float
+    level: float
+    rate_per_s: float
+    idle_s: float
+    load_s: float
+    load_start_s: float
+    load_end_s: float
+    scrape_every_s: float
+    samples: tuple[BacklogSample, ...]
+    peak_backlog_s: float | None
+    hpa: HpaSettings
+    verdict: HpaVerdict
+    step: StepResult
+
+
+@dataclass(frozen=True, kw_only=True)
+class FleetResult:
+    """`bench fleet`: 1..N replicas behind one round-robin client, the paper model, the load step."""
+
+    callers: int
+    threads: int
+    usable_cores: int | None
+    steps: tuple[FleetStep, ...]
+    per_core_texts_per_s: float | None
+    """One replica's texts/s over the cores it used, here."""
+    model: tuple[ModelRow, ...]
+    load_step: LoadStep
+
+
 # --- the document -----------------------------------------------------------------------------------------
 
 
@@ -482,7 +615,7 @@ class Document:
     """Everything a run or the suite reports; results.json is `to_json` of it."""
 
     schema: str
-    kind: Literal["run", "suite", "overload", "soak"]
+    kind: Literal["run", "suite", "overload", "soak", "fleet"]
     created_at: str
     command: str
     settings: dict[str, Json]
@@ -501,3 +634,4 @@ class Document:
     """Markdown sections after the series: heading -> lines."""
     overload: OverloadResult | None = field(default=None, metadata=_OPTIONAL)
     soak: SoakResult | None = field(default=None, metadata=_OPTIONAL)
+    fleet: FleetResult | None = field(default=None, metadata=_OPTIONAL)
