@@ -176,7 +176,7 @@ def test_serving_never_imports_torch() -> None:
     ("flags", "message"),
     [
         (["--model-repo", "/no/such/repo"], "does not exist"),
-        (["--max-batch-size", "512"], "window_texts (256) must be at least max_batch_size (512)"),
+        (["--max-batch-size", "512"], "window_texts (64) must be at least max_batch_size (512)"),
         (["--port", "70000"], "--port"),
     ],
 )

@@ -27,6 +27,8 @@ _RATE_BATCHES = 64
 # Admission by time keeps this share of a call's remaining deadline for its queue wait and its own work:
 # the estimate is an average, and a call admitted at the edge would often just miss its deadline.
 _DEADLINE_SHARE = 0.8
+# A caller that goes away this close to its deadline is counted as expired (service.DEADLINE_SLACK_S).
+_DEADLINE_SLACK_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class BatcherConfig:
     max_queue_seconds: float = 5.0
     """Seconds of queued work (queued tokens / measured rate) a call may wait behind; a call that would
     wait longer, or could not finish within 80% of its own deadline, fails at once (Overloaded)."""
-    window_texts: int = 256
+    window_texts: int = 64
     """Look-ahead: the oldest this many queued texts are sorted by length before a batch is cut."""
     max_concurrent_batches: int = 1
     """Model executions in flight at once; the next batch is assembled while these run."""
@@ -354,6 +356,7 @@ class Batcher:
         self._busy_total = 0.0
         self._busy_since = 0.0
         self._recent: deque[tuple[float, int]] = deque(maxlen=_RATE_BATCHES)
+        self._recent_seconds: deque[float] = deque(maxlen=_RATE_BATCHES)  # how long recent batches took
 
     # ------------------------------------------------------------------ public API
 
@@ -395,7 +398,17 @@ class Batcher:
             )
         if deadline is not None:
             left = deadline - self._loop.time()
-            needed = wait + own_tokens / rate
+            # A call's own work is the batch it rides in, not its share of the tokens: under load a batch
+            # of dozens of texts takes a good part of a second on a CPU.
+            batch_s = sum(self._recent_seconds) / len(self._recent_seconds)
+            own_s = max(own_tokens / rate, batch_s)
+            if own_s > left:
+                # Not an overload: no replica would finish it in time, so retrying elsewhere is no help.
+                raise DeadlineExceeded(
+                    f"the call's deadline leaves {max(left, 0.0):.3f} s, less than its own work takes here "
+                    f"(about {own_s:.3f} s): send a longer deadline"
+                )
+            needed = wait + own_s
             if needed > _DEADLINE_SHARE * left:
                 raise Overloaded(
                     f"this call would need about {needed:.2f} s here (queue and its own work) and its "
@@ -613,11 +626,12 @@ class Batcher:
             return False
         expired = request.deadline is not None and now >= request.deadline
         if request.future.done():
-            # Cancelled by its caller (by gRPC, when the deadline passed), or already failed by another of
-            # its batches (reported there).
+            # Cancelled by its caller (by gRPC, when the deadline passed: its timer and this loop's clock
+            # may disagree by a hair), or already failed by another of its batches (reported there).
             reason = None
             if request.future.cancelled():
-                reason = "deadline" if expired else "cancelled"
+                late = request.deadline is not None and now >= request.deadline - _DEADLINE_SLACK_S
+                reason = "deadline" if late else "cancelled"
         elif expired:
             reason = "deadline"
             request.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
@@ -686,6 +700,7 @@ class Batcher:
         if self._running == 0:
             self._busy_total = busy_clock
         self._recent.append((busy_clock, tokens))
+        self._recent_seconds.append(seconds)
         self._observer.batch_finished(len(batch), seconds, ok)
         # Frees an execution slot: the loop cuts the next batch from what is queued at this moment.
         self._wake.set()

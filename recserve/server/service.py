@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
+# A cancellation this close to the call's deadline is the deadline passing, not the caller leaving.
+DEADLINE_SLACK_S = 0.01
+
 # Refusals that shed load (logged at debug): the caller did nothing wrong and should retry elsewhere.
 _SHED = (errors.Overloaded, errors.DeadlineExceeded, errors.Unavailable)
 
@@ -166,8 +169,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         try:
             reply, timings, texts = await call(deadline)
         except asyncio.CancelledError:
-            # gRPC cancels the handler both when the client goes away and when its deadline passes.
-            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            # gRPC cancels the handler both when the client goes away and when its deadline passes (its
+            # timer and this loop's clock may disagree by a hair, hence the slack).
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline - DEADLINE_SLACK_S:
                 self._record(rpc, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline", started, request_id)
             else:
                 self._record(rpc, grpc.StatusCode.CANCELLED, "cancelled", started, request_id)

@@ -81,7 +81,12 @@ class ServerSettings(BaseSettings):
         description="seconds of queued work a call may wait behind (queued tokens / measured rate); a call"
         " that would wait longer, or not finish within 80% of its deadline, gets RESOURCE_EXHAUSTED at once",
     )
-    window_texts: int = Field(256, ge=1, description="look-ahead window sorted by length before cutting")
+    window_texts: int = Field(
+        64,
+        ge=1,
+        description="look-ahead window sorted by length before cutting; larger pads less but serves the"
+        " queue further from arrival order, which admission by time assumes",
+    )
     max_padding_ratio: float = Field(
         1.15, ge=1.0, description="padded/real tokens a batch may reach before a longer text starts the next"
     )
