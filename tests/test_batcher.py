@@ -390,7 +390,9 @@ async def test_admission_refuses_what_cannot_finish_in_time(harness: Harness) ->
     assert 0 < rate < 20 / 0.01 * 1.5
     tight_rate = await measure_rate(tight)
     blocked = await harness.occupy_model(batcher)
-    queued = batcher.submit([text(100 + i, 100) for i in range(int(rate * 3 / 100) + 1)])  # >= 3 s of work
+    # Many calls, so that fair batching does not shorten a newcomer's turn: a batch of 10 ms each (the
+    # model's delay), and at least 3 s of work by the token rate.
+    queued = [batcher.submit([text(100 + i, 100)]) for i in range(max(200, int(rate * 3 / 100) + 1))]
     now = asyncio.get_running_loop().time()
     with pytest.raises(Overloaded, match="deadline leaves"):
         batcher.reserve(1, deadline=now + 1.0)
@@ -398,11 +400,29 @@ async def test_admission_refuses_what_cannot_finish_in_time(harness: Harness) ->
         batcher.submit([text(8, 5)], deadline=now + 1.0)
     batcher.reserve(1, deadline=now + 1000.0).release()  # a generous deadline is admitted
     batcher.reserve(1).release()  # so is a call without one, within max_queue_seconds
-    tight.submit([text(200 + i, 100) for i in range(int(tight_rate * 2 / 100) + 1)])  # >= 2 s of work
+    assert tight_rate > 0
+    with pytest.raises(Overloaded, match="more than this server queues"):
+        for i in range(10_000):  # the queue fills to its bound in seconds of work, then refuses
+            tight.submit([text(1000 + i, 100)])
+    assert tight.stats.backlog_seconds >= 1.0
     with pytest.raises(Overloaded, match="more than this server queues"):
         tight.reserve(1)
     harness.model.gate.set()
-    await asyncio.wait_for(asyncio.gather(blocked, queued), 30)
+    await asyncio.wait_for(asyncio.gather(blocked, *queued), 30)
+
+
+async def test_a_small_call_beside_one_huge_one_is_admitted_for_its_fair_turn(harness: Harness) -> None:
+    """The FIFO estimate would refuse it; under fair batching it rides in one of the next batches."""
+    harness.model.delay_s = 0.01
+    batcher = await harness.start(max_batch_size=2, max_delay_s=0.0, max_queue_seconds=30.0)
+    rate = await measure_rate(batcher)
+    blocked = await harness.occupy_model(batcher)
+    huge = batcher.submit([text(100 + i, 100) for i in range(int(rate * 3 / 100) + 1)])  # >= 3 s of work
+    now = asyncio.get_running_loop().time()
+    small = batcher.submit([text(7, 5)], deadline=now + 2.0)
+    harness.model.gate.set()
+    await settle(small)
+    await asyncio.wait_for(asyncio.gather(blocked, huge), 30)
 
 
 async def test_an_expired_call_is_answered_at_its_deadline_while_the_model_is_busy(harness: Harness) -> None:

@@ -41,9 +41,10 @@ def test_a_call_that_cannot_finish_by_its_deadline_is_refused_at_once_without_to
         model.backend.gate.clear()
         blocker = stub.Embed.future(pb.EmbedRequest(texts=["blocker"]))
         assert model.backend.wait_entered(5)
-        # Four tokens a text: at least three seconds of work at the measured rate.
-        backlog = [f"queued {i}" for i in range(int(rate * 3 / 4) + 1)]
-        queued = stub.Embed.future(pb.EmbedRequest(texts=backlog))
+        # Many one-text calls (four tokens each): at least two seconds of work at the measured rate, and
+        # as many turns of fair batching.
+        backlog = [f"queued {i}" for i in range(max(100, int(rate * 2 / 4) + 1))]
+        queued = [stub.Embed.future(pb.EmbedRequest(texts=[text])) for text in backlog]
         deadline = time.monotonic() + 10
         while batcher.stats.queued_texts < len(backlog) and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -58,7 +59,7 @@ def test_a_call_that_cannot_finish_by_its_deadline_is_refused_at_once_without_to
         )
         model.backend.gate.set()
         assert blocker.result(10).dimension == 8
-        assert len(queued.result(30).vectors) == len(backlog)
+        assert all(len(call.result(30).vectors) == 1 for call in queued)
         reply = patient.result(10)
         np.testing.assert_array_equal(
             np.frombuffer(reply.packed, dtype="<f4").reshape(1, -1), model.expected(["patient"])

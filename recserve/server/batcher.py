@@ -349,6 +349,7 @@ class Batcher:
         self._queued_texts = 0
         self._queued_tokens = 0
         self._reserved_texts = 0  # admitted, still being tokenised (see Reservation)
+        self._queued_requests = 0  # requests with texts queued (in the window or behind it)
         self._running = 0
         self._closing = False
         self._dead = False
@@ -380,17 +381,28 @@ class Batcher:
         assert self._loop is not None  # _check_room refuses a batcher that was never started
         if deadline is not None and self._loop.time() >= deadline:
             raise DeadlineExceeded("the deadline passed before the call was admitted")
-        self._check_time(0, deadline)
+        self._check_time(texts, 0, deadline)
         self._reserved_texts += texts
         return Reservation(self, texts)
 
-    def _check_time(self, own_tokens: int, deadline: float | None) -> None:
-        """Admission by time: the queued work (and the call's own) must fit its deadline and the bound."""
+    def _check_time(self, texts: int, own_tokens: int, deadline: float | None) -> None:
+        """Admission by time: the call's wait (and its own work) must fit its deadline and the bound.
+
+        The wait is the queued work in seconds, or, when fewer calls are queued than that implies, the
+        turns a call of `texts` texts takes under fair batching: about one batch per queued call per
+        round, a round per batch of its own texts. So a small call is admitted beside a few huge ones, and
+        a queue of many small calls is judged as the FIFO it is.
+        """
         rate = self.stats.tokens_per_second
         if rate <= 0.0:
             return  # nothing measured yet: only the count bound applies
         assert self._loop is not None
-        wait = self._queued_tokens / rate
+        # A call's own work is the batch it rides in, not its share of the tokens: under load a batch of
+        # dozens of texts takes a good part of a second on a CPU.
+        batch_s = sum(self._recent_seconds) / len(self._recent_seconds)
+        rounds = -(-texts // self._config.max_batch_size)
+        turns = rounds * (self._queued_requests + 1) * batch_s / self._config.max_concurrent_batches
+        wait = min(self._queued_tokens / rate, turns)
         if wait > self._config.max_queue_seconds:
             raise Overloaded(
                 f"the queue holds about {wait:.2f} s of work, more than this server queues "
@@ -398,9 +410,6 @@ class Batcher:
             )
         if deadline is not None:
             left = deadline - self._loop.time()
-            # A call's own work is the batch it rides in, not its share of the tokens: under load a batch
-            # of dozens of texts takes a good part of a second on a CPU.
-            batch_s = sum(self._recent_seconds) / len(self._recent_seconds)
             own_s = max(own_tokens / rate, batch_s)
             if own_s > left:
                 # Not an overload: no replica would finish it in time, so retrying elsewhere is no help.
@@ -443,7 +452,7 @@ class Batcher:
         if deadline is not None and now >= deadline:
             self._observer.dropped("deadline", size)
             raise DeadlineExceeded("the deadline passed before the request was queued")
-        self._check_time(sum(_planned(encoded) for encoded in items), deadline)
+        self._check_time(size, sum(_planned(encoded) for encoded in items), deadline)
         if room is not None:
             room.release()
         future: asyncio.Future[BatchResult] = self._loop.create_future()
@@ -463,6 +472,7 @@ class Batcher:
         # A caller that goes away frees its queue room at once, not when its texts reach the window.
         future.add_done_callback(lambda f: self._abandoned(request) if f.cancelled() else None)
         self._queued_texts += size
+        self._queued_requests += 1
         self._observer.queue_changed(self._queued_texts, self._queued_tokens)
         self._wake.set()
         return future
@@ -646,6 +656,8 @@ class Batcher:
 
     def _dequeue(self, item: _Item, in_window: bool = True) -> None:
         item.request.queued -= 1
+        if item.request.queued == 0:
+            self._queued_requests -= 1
         if in_window:
             item.request.in_window -= 1
         self._queued_texts -= 1
