@@ -38,7 +38,7 @@ bench: $(VENV)/.installed $(MODEL_REPO)/manifest.json
 
 # Ten minutes at 0.7 of capacity with the mixed workload: leaks and drift. Not part of `make bench` or CI.
 bench-soak: $(VENV)/.installed $(MODEL_REPO)/manifest.json
-	$(BIN)/recserve bench soak --model-repo $(MODEL_REPO) --out bench-out/soak
+	$(BIN)/recserve bench soak --model-repo $(MODEL_REPO) --out benchmarks/soak --markdown benchmarks/soak/SOAK.md
 
 # 1, 2 and 3 local replicas behind one round-robin client, then one replica's backlog under a load step and
 # when the shipped HPA (deploy/) would have scaled: benchmarks/fleet/ (FLEET.md, fleet.json, backlog.png).
