@@ -719,11 +719,11 @@ def test_the_client_service_config_keeps_calls_off_a_draining_replica() -> None:
     """What docs/deploy.md tells clients to use: round_robin, health checking, retries on UNAVAILABLE."""
     config = (DEPLOY / "client" / "service-config.json").read_text(encoding="utf-8")
     with_config = [("grpc.service_config", config)]
-    # Plain round_robin sends half the calls to a replica that says NOT_SERVING...
-    assert _embed_on_two_replicas(FakeInference(), NOT_SERVING, [("grpc.lb_policy_name", "round_robin")]) == (
-        20,
-        20,
-    )
+    # Plain round_robin sends about half the calls to a replica that says NOT_SERVING (not exactly half:
+    # the first calls may go out before the second subchannel is connected)...
+    plain = [("grpc.lb_policy_name", "round_robin")]
+    serving_calls, draining_calls = _embed_on_two_replicas(FakeInference(), NOT_SERVING, plain)
+    assert serving_calls + draining_calls == 40 and draining_calls >= 10
     # ...the health check takes it out of the rotation...
     assert _embed_on_two_replicas(FakeInference(), NOT_SERVING, with_config) == (40, 0)
     # ...and a call that reaches it before its health update does is retried on the other one (none failed).
