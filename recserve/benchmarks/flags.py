@@ -231,6 +231,18 @@ def target_choice(args: argparse.Namespace) -> TargetChoice:
     )
 
 
+def _capacity_flags(args: argparse.Namespace, counts: dict[str, int] | None = None) -> None:
+    """The flags of the capacity measurement that `bench overload` and `bench soak` share, and the
+    command's own `counts` (flag -> value), all of which must be at least 1."""
+    if args.capacity is not None:
+        positive("--capacity", args.capacity)
+    named = {"--capacity-callers": args.capacity_callers, **(counts or {})}
+    named["--max-in-flight"] = args.max_in_flight
+    if min(named.values()) < 1:
+        flags = list(named)
+        raise ConfigError(f"{', '.join(flags[:-1])} and {flags[-1]} must be >= 1")
+
+
 def overload_config(args: argparse.Namespace, argv: Sequence[str] | None = None) -> OverloadConfig:
     """`bench overload`: every flag checked before the target is even asked for Info."""
     levels = float_list("--levels", args.levels)
@@ -243,12 +255,7 @@ def overload_config(args: argparse.Namespace, argv: Sequence[str] | None = None)
         ("--probe-deadline", args.probe_deadline),
     ):
         positive(flag, value)
-    if args.capacity is not None:
-        positive("--capacity", args.capacity)
-    if min(args.capacity_callers, args.probe_callers, args.probe_texts, args.max_in_flight) < 1:
-        raise ConfigError(
-            "--capacity-callers, --probe-callers, --probe-texts and --max-in-flight must be >= 1"
-        )
+    _capacity_flags(args, {"--probe-callers": args.probe_callers, "--probe-texts": args.probe_texts})
     _lengths(args.workload)
     return OverloadConfig(
         server=target_choice(args),
@@ -286,10 +293,7 @@ def soak_config(args: argparse.Namespace, argv: Sequence[str] | None = None) -> 
         ("--capacity-duration", args.capacity_duration),
     ):
         positive(flag, value)
-    if args.capacity is not None:
-        positive("--capacity", args.capacity)
-    if min(args.capacity_callers, args.max_in_flight) < 1:
-        raise ConfigError("--capacity-callers and --max-in-flight must be >= 1")
+    _capacity_flags(args)
     windows = round(args.minutes * 60 / args.window)
     if windows < 2:
         raise ConfigError(

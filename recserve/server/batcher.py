@@ -358,6 +358,9 @@ class Batcher:
         self._busy_since = 0.0
         self._recent: deque[tuple[float, int]] = deque(maxlen=_RATE_BATCHES)
         self._recent_seconds: deque[float] = deque(maxlen=_RATE_BATCHES)  # how long recent batches took
+        # Derived from the two above when a batch finishes, not on every admission check (a hot path).
+        self._rate = 0.0
+        self._batch_s = 0.0
 
     # ------------------------------------------------------------------ public API
 
@@ -393,13 +396,12 @@ class Batcher:
         round, a round per batch of its own texts. So a small call is admitted beside a few huge ones, and
         a queue of many small calls is judged as the FIFO it is.
         """
-        rate = self.stats.tokens_per_second
+        rate, batch_s = self._rate, self._batch_s
         if rate <= 0.0:
             return  # nothing measured yet: only the count bound applies
         assert self._loop is not None
-        # A call's own work is the batch it rides in, not its share of the tokens: under load a batch of
-        # dozens of texts takes a good part of a second on a CPU.
-        batch_s = sum(self._recent_seconds) / len(self._recent_seconds)
+        # A call's own work is the batch it rides in (batch_s), not its share of the tokens: under load a
+        # batch of dozens of texts takes a good part of a second on a CPU.
         rounds = -(-texts // self._config.max_batch_size)
         turns = rounds * (self._queued_requests + 1) * batch_s / self._config.max_concurrent_batches
         wait = min(self._queued_tokens / rate, turns)
@@ -507,13 +509,7 @@ class Batcher:
     @property
     def stats(self) -> BatcherStats:
         """The queue, the running batches and recent throughput (for the backlog gauge)."""
-        rate = 0.0
-        if len(self._recent) >= 2:
-            # The first entry only marks where the span starts: its tokens were run before it.
-            busy = self._recent[-1][0] - self._recent[0][0]
-            tokens = sum(tokens for _, tokens in self._recent) - self._recent[0][1]
-            rate = tokens / busy if busy > 0 else 0.0
-        return BatcherStats(self._queued_texts, self._queued_tokens, self._running, rate)
+        return BatcherStats(self._queued_texts, self._queued_tokens, self._running, self._rate)
 
     # ------------------------------------------------------------------ the loop
 
@@ -713,6 +709,12 @@ class Batcher:
             self._busy_total = busy_clock
         self._recent.append((busy_clock, tokens))
         self._recent_seconds.append(seconds)
+        self._batch_s = sum(self._recent_seconds) / len(self._recent_seconds)
+        if len(self._recent) >= 2:
+            # The first entry only marks where the span starts: its tokens were run before it.
+            busy = self._recent[-1][0] - self._recent[0][0]
+            run = sum(tokens for _, tokens in self._recent) - self._recent[0][1]
+            self._rate = run / busy if busy > 0 else 0.0
         self._observer.batch_finished(len(batch), seconds, ok)
         # Frees an execution slot: the loop cuts the next batch from what is queued at this moment.
         self._wake.set()
