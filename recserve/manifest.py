@@ -19,14 +19,18 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 
-Task = Literal["embedding", "cross-encoder"]
+Task = Literal["embedding", "cross-encoder", "classifier"]
 Pooling = Literal["mean", "cls", "max"]
 Precision = Literal["fp32", "fp16", "int8"]
 VARIANT_NAMES: tuple[Precision, ...] = ("fp32", "fp16", "int8")
 # The ONNX graph inputs the server knows how to feed (recserve.tensors.pad), and the output of each task.
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 REQUIRED_INPUTS = ("input_ids", "attention_mask")
-OUTPUT_NAMES: dict[Task, str] = {"embedding": "last_hidden_state", "cross-encoder": "logits"}
+OUTPUT_NAMES: dict[Task, str] = {
+    "embedding": "last_hidden_state",
+    "cross-encoder": "logits",
+    "classifier": "logits",
+}
 
 
 class ManifestError(ValueError):
@@ -157,6 +161,11 @@ class Manifest(_Strict):
     tokenizer_file: RelativePath = TOKENIZER_FILE
     variants: dict[Precision, Variant]
     export: ExportInfo
+    # A classifier's labels in the order of its logits (from the checkpoint's id2label); empty otherwise.
+    labels: list[str] = Field(default_factory=list)
+    # A classifier whose labels are independent (problem_type multi_label_classification): sigmoid, not
+    # softmax.
+    multi_label: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -171,8 +180,12 @@ class Manifest(_Strict):
             raise ValueError(
                 f"output_name {self.output_name!r} must be {OUTPUT_NAMES[self.task]!r} for task {self.task}"
             )
-        if (self.pooling is None) != (self.task == "cross-encoder"):
-            raise ValueError(f"pooling {self.pooling!r}: an embedding model needs one, a cross-encoder none")
+        if (self.pooling is None) != (self.task != "embedding"):
+            raise ValueError(
+                f"pooling {self.pooling!r}: an embedding model needs one, a cross-encoder or classifier none"
+            )
+        if self.task == "classifier" and len(self.labels) != self.output_dim:
+            raise ValueError(f"a classifier needs one label per logit: {len(self.labels)} for {self.output_dim}")
         for key, variant in self.variants.items():
             if variant.precision != key:
                 raise ValueError(f"variants.{key}.precision is {variant.precision!r}; it must be {key!r}")

@@ -239,17 +239,20 @@ def test_server_view_reads_the_names_the_server_writes() -> None:
     from prometheus_client import generate_latest
 
     metrics = Metrics()
-    metrics.requests.labels("Embed", "OK").inc(2)
+    model, other = metrics.for_model("m"), metrics.for_model("other")
+    metrics.call_finished("m", "Embed", "OK", None)
+    metrics.call_finished("m", "Embed", "OK", None)
     before = parse(generate_latest(metrics.registry).decode(), at=0.0)
-    metrics.requests.labels("Embed", "OK").inc(5)
-    metrics.requests.labels("Embed", "DEADLINE_EXCEEDED").inc(2)
-    metrics.failures.labels("deadline").inc(2)
-    metrics.dropped("deadline", 7)
-    metrics.dropped("cancelled", 1)
-    metrics.batch_started(size=4, real_tokens=40, padded_tokens=48)
-    metrics.batch_started(size=2, real_tokens=20, padded_tokens=24)
-    metrics.queue_wait(0.01)
-    metrics.queue_texts.set(3)
+    for _ in range(5):
+        metrics.call_finished("m", "Embed", "OK", None)
+    for _ in range(2):
+        metrics.call_finished("m", "Embed", "DEADLINE_EXCEEDED", "deadline")
+    model.dropped("deadline", 7)
+    model.dropped("cancelled", 1)
+    model.batch_started(size=4, real_tokens=40, padded_tokens=48)
+    other.batch_started(size=2, real_tokens=20, padded_tokens=24)  # two models' batches add up
+    model.queue_wait(0.01)
+    model.queue_changed(3, 30)
     view = server_view(before, parse(generate_latest(metrics.registry).decode(), at=2.0))
     assert view.requests == {"Embed:OK": 5, "Embed:DEADLINE_EXCEEDED": 2}
     assert view.failures == {"deadline": 2}

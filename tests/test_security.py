@@ -232,10 +232,11 @@ def test_a_missing_or_wrong_token_is_unauthenticated_and_health_stays_open() -> 
         with Client(server.address, token=TOKEN, deadline=5) as client:
             assert client.embed(["a", "b"]).shape == (2, 8)
         sample = server.registry.get_sample_value
-        assert sample(total(Name.REQUESTS), {"rpc": "Embed", "code": "UNAUTHENTICATED"}) == 3
-        assert sample(total(Name.REQUESTS), {"rpc": "Info", "code": "UNAUTHENTICATED"}) == 1
-        assert sample(total(Name.FAILURES), {"reason": "unauthenticated"}) == 4
-        assert sample(total(Name.REQUESTS), {"rpc": "Embed", "code": "OK"}) == 1
+        # A refused token: the request was never parsed, so no model is named.
+        assert sample(total(Name.REQUESTS), {"model": "", "rpc": "Embed", "code": "UNAUTHENTICATED"}) == 3
+        assert sample(total(Name.REQUESTS), {"model": "", "rpc": "Info", "code": "UNAUTHENTICATED"}) == 1
+        assert sample(total(Name.FAILURES), {"model": "", "reason": "unauthenticated"}) == 4
+        assert sample(total(Name.REQUESTS), {"model": "fake", "rpc": "Embed", "code": "OK"}) == 1
 
 
 def test_a_token_file_is_reread_on_sighup(tmp_path: Path) -> None:
@@ -363,14 +364,16 @@ def test_malformed_bytes_on_every_rpc_are_invalid_argument_counted_and_logged_on
         samples = [s for f in text_string_to_metric_families(response.read().decode()) for s in f.samples]
 
     def count(name: str, **labels: str) -> float:
-        return sum(s.value for s in samples if s.name == name and s.labels == labels)
+        # Bytes that did not parse named no model: the label is empty.
+        want = {"model": "", **labels}
+        return sum(s.value for s in samples if s.name == name and s.labels == want)
 
     requests = total(Name.REQUESTS)
     assert count(requests, rpc="Embed", code="INVALID_ARGUMENT") == 2
     assert count(requests, rpc="Score", code="INVALID_ARGUMENT") == 3
     assert count(requests, rpc="Info", code="INVALID_ARGUMENT") == 1
     assert count(total(Name.FAILURES), reason="invalid") == len(MALFORMED)
-    assert count(requests, rpc="Embed", code="OK") == 1
+    assert count(requests, rpc="Embed", code="OK", model="fake") == 1
 
 
 # --- the harness -------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from recserve.server import batcher as batcher_module
 from recserve.server import errors
 from recserve.server.app import RunningServer
 from recserve.server.metrics import Name, total
-from recserve.server.service import SERVICE_NAME, status_code
+from recserve.server.registry import SERVICE_NAME
+from recserve.server.service import status_code
 from recserve.v1 import inference_pb2 as pb
 from recserve.v1 import inference_pb2_grpc as pb_grpc
 from tests.support.fake_model import FakeBackend, FakeModel, fake_model
@@ -221,7 +222,7 @@ def test_score_on_a_cross_encoder_is_its_logit_per_pair_and_embed_is_refused() -
     np.testing.assert_array_equal(np.asarray(backwards.scores, np.float32), logits[::-1].astype(np.float32))
     assert list(reply.truncated) == [3]
     assert embed_code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "serves a cross-encoder, which has no Embed" in embed_details
+    assert "Embed does not apply to this model, a cross-encoder: call Score" in embed_details
     assert history_code == grpc.StatusCode.INVALID_ARGUMENT
     assert "a user history needs an embedding model" in history_details
 
@@ -374,14 +375,20 @@ def test_metrics_families_and_consistency(server: ServerThread, stub: pb_grpc.In
     assert value(after, Name.IN_FLIGHT) == 0
     assert value(after, Name.QUEUE_TEXTS) == 0
     assert (
-        value(after, Name.MODEL_INFO, name="fake-embedding", precision="fp32", provider=FakeBackend.provider)
+        value(after, Name.MODEL_INFO, model="fake", precision="fp32", provider=FakeBackend.provider)
         == 1
     )
 
 
 def recorded(server: ServerThread, name: str, /, **labels: str) -> float:
-    """A sample's value read in-process, without a scrape (0 when its label set was never used)."""
-    return server.registry.get_sample_value(name, labels) or 0.0
+    """The sum of the samples of `name` whose labels include `labels`, read in-process without a scrape (0
+    when no such label set was used)."""
+    return sum(
+        sample.value
+        for family in server.registry.collect()
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == want for k, want in labels.items())
+    )
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:

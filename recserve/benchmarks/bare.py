@@ -21,7 +21,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from recserve.benchmarks.baseline import RawModel
-from recserve.server.service import SERVICE_NAME, build_info, encode_vectors, vector_encoding
+from recserve.server.registry import SERVICE_NAME
+from recserve.server.service import build_info, encode_vectors, vector_encoding
 from recserve.v1 import inference_pb2 as pb
 from recserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -33,7 +34,7 @@ _WARM_UP_CALLS = 20
 class BareInference(pb_grpc.InferenceServicer):
     """Embed and Info only; Score stays UNIMPLEMENTED."""
 
-    def __init__(self, model: RawModel) -> None:
+    def __init__(self, model: RawModel, repo_name: str) -> None:
         self._model = model
         manifest, backend = model.manifest, model.backend
         # One thread: the model runs one call at a time, on all of its intra-op threads.
@@ -45,7 +46,7 @@ class BareInference(pb_grpc.InferenceServicer):
             max_batch_tokens=_LIMIT,
             max_queue_texts=_LIMIT,
         )
-        self._info = build_info(manifest, backend.precision, backend.provider, limits)
+        self._info = build_info(repo_name, manifest, backend.precision, backend.provider, limits)
         self._info.server_version = "bare"
 
     async def Embed(
@@ -69,7 +70,7 @@ async def serve_bare(repo: Path, host: str, port: int, threads: int) -> None:
     if model.manifest.task != "embedding":
         raise SystemExit(f"the bare baseline serves Embed only; {repo} holds a {model.manifest.task}")
     server = grpc.aio.server()
-    pb_grpc.add_InferenceServicer_to_server(BareInference(model), server)  # type: ignore[no-untyped-call]
+    pb_grpc.add_InferenceServicer_to_server(BareInference(model, repo.name), server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(f"{host}:{port}")

@@ -141,7 +141,7 @@ async def _mark(servers: Sequence[LocalServer]) -> _Mark:
 
 
 def _ok_embeds(snap: Snapshot | None) -> float | None:
-    return None if snap is None else snap.get(total(Name.REQUESTS), rpc="Embed", code="OK")
+    return None if snap is None else snap.total(total(Name.REQUESTS), rpc="Embed", code="OK")
 
 
 def _minus(a: float | None, b: float | None) -> float | None:
@@ -443,7 +443,7 @@ async def load_step(
             await asyncio.sleep(max(0.0, t0 + k * cfg.scrape_every_s - loop.time()))
             k += 1
             try:
-                value: float | None = (await fetch_async(url, cfg.scrape_every_s)).get(Name.BACKLOG_SECONDS)
+                value: float | None = (await fetch_async(url, cfg.scrape_every_s)).total(Name.BACKLOG_SECONDS)
             except ScrapeError:
                 value = None
             samples.append(BacklogSample(t_s=round(loop.time() - t0, 3), backlog_s=value))

@@ -114,11 +114,12 @@ def _bucket(family: str) -> str:
 
 def histogram_delta(before: Snapshot, after: Snapshot, family: str) -> dict[str, int]:
     """Observations per bucket during the step, not cumulative: upper bound (as text) -> count."""
-    bounds = []
+    # Summed over every other label (the model): one cumulative count per upper bound.
+    by_le: dict[str, float] = {}
     for labels, value in after.delta(before, _bucket(family)).items():
         le = dict(labels).get("le", "")
-        bounds.append((float(le), le, value))
-    bounds.sort()
+        by_le[le] = by_le.get(le, 0.0) + value
+    bounds = sorted((float(le), le, value) for le, value in by_le.items())
     out: dict[str, int] = {}
     below = 0.0
     for _, le, cumulative in bounds:
@@ -178,9 +179,9 @@ def server_view(before: Snapshot, after: Snapshot) -> ServerView:
         tokenize_share=share(tokenize_s),
         queue_share=share(queue_s),
         inference_share=share(infer_s),
-        backlog_seconds=_round(after.get(Name.BACKLOG_SECONDS), 4),
-        queue_texts=_round(after.get(Name.QUEUE_TEXTS), 0),
-        in_flight=_round(after.get(Name.IN_FLIGHT), 0),
+        backlog_seconds=_round(after.total(Name.BACKLOG_SECONDS), 4),
+        queue_texts=_round(after.total(Name.QUEUE_TEXTS), 0),
+        in_flight=_round(after.total(Name.IN_FLIGHT), 0),
         requests=_by_label(
             before, after, Name.REQUESTS, lambda labels: f"{labels.get('rpc', '?')}:{labels.get('code', '?')}"
         ),

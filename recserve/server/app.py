@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -24,9 +26,10 @@ from prometheus_client import CollectorRegistry
 from recserve.server.batcher import Batcher, BatcherConfig
 from recserve.server.engine import Engine, Limits
 from recserve.server.metrics import Metrics, MetricsServer, serve_metrics
-from recserve.server.model import Backend, Model
+from recserve.server.model import Model
+from recserve.server.registry import SERVICE_NAME, ServedModel, ServedModels
 from recserve.server.security import Security
-from recserve.server.service import SERVICE_NAME, InferenceService, add_to_server, build_info
+from recserve.server.service import InferenceService, add_to_server, build_info, list_models
 from recserve.server.settings import ServerSettings
 from recserve.tensors import Encoded
 from recserve.v1 import inference_pb2 as pb
@@ -44,8 +47,7 @@ class RunningServer:
     settings: ServerSettings
     port: int
     metrics_port: int | None
-    engine: Engine
-    model: Model
+    models: ServedModels
     metrics: Metrics
     health: health.aio.HealthServicer
     grpc_server: grpc.aio.Server
@@ -55,6 +57,15 @@ class RunningServer:
     @property
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
+
+    @property
+    def engine(self) -> Engine:
+        """The default model's engine (the only one, for a single-model server)."""
+        return self.models.default.engine
+
+    @property
+    def model(self) -> Model:
+        return self.models.default.model
 
 
 def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
@@ -99,69 +110,26 @@ def _dummy(length: int) -> Encoded:
     return Encoded(ids=ids, type_ids=np.zeros(length, dtype=np.int64))
 
 
-async def _warm_up(
-    backend: Backend, max_length: int, settings: ServerSettings, executor: ThreadPoolExecutor
-) -> None:
+async def _warm_up(served: ServedModel, settings: ServerSettings) -> None:
     started = time.perf_counter()
     loop = asyncio.get_running_loop()
-    batches = warmup_batches(settings.max_batch_size, settings.max_batch_tokens, max_length)
+    batches = warmup_batches(
+        settings.max_batch_size, settings.max_batch_tokens, served.model.manifest.max_length
+    )
     for batch in batches:
-        await loop.run_in_executor(executor, backend.warm_up, batch)
+        await loop.run_in_executor(served.model_executor, served.model.backend.warm_up, batch)
     log.info(
-        "warm-up done", extra={"batches": len(batches), "seconds": round(time.perf_counter() - started, 3)}
+        "warm-up done",
+        extra={
+            "model": served.name,
+            "batches": len(batches),
+            "seconds": round(time.perf_counter() - started, 3),
+        },
     )
 
 
-@contextlib.asynccontextmanager
-async def running_server(
-    settings: ServerSettings,
-    model: Model,
-    registry: CollectorRegistry | None = None,
-    *,
-    before_ready: Callable[[RunningServer], Awaitable[None]] | None = None,
-) -> AsyncIterator[RunningServer]:
-    """Binds, warms `model` up and yields a SERVING server; drains on exit.
-
-    Health answers NOT_SERVING from the moment the port is bound until warm-up (and `before_ready`, a hook
-    for tests) is done, and again from the start of the drain.
-    """
-    manifest, backend = model.manifest, model.backend
-    loop = asyncio.get_running_loop()
-    security = Security.from_settings(settings)
-    metrics = Metrics(registry)
-    metrics.set_model(
-        manifest.model_name, manifest.source.weights_sha256, backend.precision, backend.provider
-    )
-    tokenize_executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
-    model_executor = ThreadPoolExecutor(max_workers=backend.concurrent_batches, thread_name_prefix="model")
-    health_servicer = health.aio.HealthServicer()
-    grpc_server = grpc.aio.server(options=grpc_options(settings), interceptors=security.interceptors(metrics))
-
-    def on_fatal(exc: BaseException) -> None:
-        # The batch loop died: every later call would hang, so refuse them and tell the probes.
-        log.critical("batch loop died; serving stops", exc_info=exc)
-        engine.close("the server's batch loop failed; it is not serving (see its log)")
-        task = loop.create_task(_set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING))
-        background.add(task)
-        task.add_done_callback(background.discard)
-
-    background: set[asyncio.Task[None]] = set()
-    batcher = Batcher(
-        backend.run,
-        BatcherConfig.from_settings(settings, backend.concurrent_batches),
-        model_executor,
-        observer=metrics,
-        on_fatal=on_fatal,
-    )
-    engine = Engine(
-        manifest,
-        model.tokenizer,
-        tokenize_executor,
-        batcher,
-        Limits(settings.max_texts_per_call, settings.max_text_bytes),
-    )
-    metrics.watch(backlog_seconds=lambda: batcher.stats.backlog_seconds, in_flight=lambda: engine.in_flight)
-    limits = pb.Limits(
+def _limits(settings: ServerSettings) -> pb.Limits:
+    return pb.Limits(
         max_texts_per_call=settings.max_texts_per_call,
         max_text_bytes=settings.max_text_bytes,
         max_message_bytes=settings.max_message_bytes,
@@ -169,15 +137,94 @@ async def running_server(
         max_batch_size=settings.max_batch_size,
         max_queue_texts=settings.max_queue_texts,
     )
-    info = build_info(manifest, backend.precision, backend.provider, limits, backend.verified_sha256)
-    servicer = InferenceService(engine, metrics, info)
+
+
+def _named(settings: ServerSettings, models: Model | Sequence[tuple[str, Model]]) -> list[tuple[str, Model]]:
+    if isinstance(models, Model):
+        # One model: it takes the name of the first repository the settings serve.
+        return [(settings.served_models()[0][0], models)]
+    return list(models)
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    settings: ServerSettings,
+    models: Model | Sequence[tuple[str, Model]],
+    registry: CollectorRegistry | None = None,
+    *,
+    before_ready: Callable[[RunningServer], Awaitable[None]] | None = None,
+) -> AsyncIterator[RunningServer]:
+    """Binds, warms the models up and yields a SERVING server; drains on exit.
+
+    `models` is one model or (name, model) pairs, the default first unless the settings name another.
+    Health answers NOT_SERVING from the moment the port is bound until warm-up (and `before_ready`, a hook
+    for tests) is done, and again from the start of the drain.
+    """
+    named = _named(settings, models)
+    loop = asyncio.get_running_loop()
+    security = Security.from_settings(settings)
+    metrics = Metrics(registry)
+    health_servicer = health.aio.HealthServicer()
+    grpc_server = grpc.aio.server(options=grpc_options(settings), interceptors=security.interceptors(metrics))
+    background: set[asyncio.Task[None]] = set()
+
+    def on_fatal(name: str, exc: BaseException) -> None:
+        # A batch loop died: every later call to it would hang, so refuse them and tell the probes (the
+        # whole server: a replica with a dead model should be replaced, not half-used).
+        log.critical("batch loop died; serving stops", exc_info=exc, extra={"model": name})
+        for served in served_models:
+            served.engine.close("the server's batch loop failed; it is not serving (see its log)")
+        task = loop.create_task(
+            _set_health(health_servicer, served_models, health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    limits = _limits(settings)
+    served_list = []
+    for name, model in named:
+        manifest, backend = model.manifest, model.backend
+        model_metrics = metrics.for_model(name)
+        model_metrics.set_info(
+            manifest.task, manifest.source.weights_sha256, backend.precision, backend.provider
+        )
+        model_executor = ThreadPoolExecutor(backend.concurrent_batches, thread_name_prefix=f"model-{name}")
+        batcher = Batcher(
+            backend.run,
+            BatcherConfig.from_settings(settings, backend.concurrent_batches),
+            model_executor,
+            observer=model_metrics,
+            on_fatal=functools.partial(on_fatal, name),
+        )
+        tokenize_executor = ThreadPoolExecutor(
+            settings.tokenizer_threads, thread_name_prefix=f"tokenize-{name}"
+        )
+        engine = Engine(
+            manifest,
+            model.tokenizer,
+            tokenize_executor,
+            batcher,
+            Limits(settings.max_texts_per_call, settings.max_text_bytes),
+        )
+        model_metrics.watch(
+            backlog_seconds=lambda b=batcher: b.stats.backlog_seconds,  # type: ignore[misc]
+            in_flight=lambda e=engine: e.in_flight,  # type: ignore[misc]
+        )
+        served = ServedModel(name, model, engine, model_metrics, tokenize_executor, model_executor)
+        served.info = build_info(
+            name, manifest, backend.precision, backend.provider, limits, backend.verified_sha256
+        )
+        served_list.append(served)
+    served_models = ServedModels(served_list, settings.default_model)
+    list_models(served_models)
+    servicer = InferenceService(served_models, metrics)
     add_to_server(servicer, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         grpc_server,
     )
-    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await _set_health(health_servicer, served_models, health_pb2.HealthCheckResponse.NOT_SERVING)
     port = security.add_port(grpc_server, f"{settings.host}:{settings.port}")
     if port == 0:
         raise OSError(f"could not bind gRPC to {settings.host}:{settings.port}")
@@ -198,57 +245,75 @@ async def running_server(
         settings,
         port,
         None if metrics_server is None else metrics_server.address[1],
-        engine,
-        model,
+        served_models,
         metrics,
         health_servicer,
         grpc_server,
         metrics_server,
         security,
     )
+    engines = [served.engine for served in served_models]
     try:
-        await batcher.start()
+        for served in served_models:
+            await served.batcher.start()
         if settings.warmup:
-            await _warm_up(backend, manifest.max_length, settings, model_executor)
+            for served in served_models:
+                await _warm_up(served, settings)
         if before_ready is not None:
             await before_ready(running)
-        engine.open()
-        await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-        log.info(
-            "serving",
-            extra={
-                "model": manifest.model_name,
-                "precision": backend.precision,
-                "provider": backend.provider,
-            },
-        )
+        for engine in engines:
+            engine.open()
+        await _set_health(health_servicer, served_models, health_pb2.HealthCheckResponse.SERVING)
+        for served in served_models:
+            log.info(
+                "serving",
+                extra={
+                    "model": served.name,
+                    "task": served.model.manifest.task,
+                    "precision": served.model.backend.precision,
+                    "provider": served.model.backend.provider,
+                    "default": served is served_models.default,
+                },
+            )
         yield running
     finally:
         log.info("draining", extra={"grace_s": settings.grace_period_s})
-        await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-        engine.close("the server is shutting down: retry on another replica")
+        await _set_health(health_servicer, served_models, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for engine in engines:
+            engine.close("the server is shutting down: retry on another replica")
         # NOTE: the gRPC server keeps accepting calls while the in-flight ones finish, so that health
         # probes still get their NOT_SERVING answer (and new inference calls a clear UNAVAILABLE) during
         # the drain instead of a refused connection.
-        drained = await engine.wait_idle(settings.grace_period_s)
+        drained = await _wait_idle(engines, settings.grace_period_s)
         if not drained:
             log.warning("grace period over with calls in flight; they are cut off")
-            engine.cut_off()  # each caller still gets its answer: UNAVAILABLE
-        await batcher.stop(drain=drained, timeout=1.0)
+            for engine in engines:
+                engine.cut_off()  # each caller still gets its answer: UNAVAILABLE
+        for served in served_models:
+            await served.batcher.stop(drain=drained, timeout=1.0)
         if not drained:
             # The batches still running have nobody waiting for them; a long one takes seconds on a CPU.
-            backend.stop_running()
-            await engine.wait_idle(1.0)
+            for served in served_models:
+                served.model.backend.stop_running()
+            await _wait_idle(engines, 1.0)
         await grpc_server.stop(0 if not drained else 1.0)
-        tokenize_executor.shutdown(wait=True, cancel_futures=True)
-        model_executor.shutdown(wait=True, cancel_futures=True)
+        for served in served_models:
+            served.tokenize_executor.shutdown(wait=True, cancel_futures=True)
+            served.model_executor.shutdown(wait=True, cancel_futures=True)
         if metrics_server is not None:
             await metrics_server.close()
         log.info("stopped")
 
 
-async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
-    for name in _HEALTH_SERVICES:
+async def _wait_idle(engines: Sequence[Engine], within_s: float) -> bool:
+    """Whether every engine went idle within `within_s` seconds (one deadline for all of them)."""
+    results = await asyncio.gather(*(engine.wait_idle(within_s) for engine in engines))
+    return all(results)
+
+
+async def _set_health(servicer: health.aio.HealthServicer, models: ServedModels, status: int) -> None:
+    """The whole server ("" and the inference service) and each model by its own name."""
+    for name in (*_HEALTH_SERVICES, *(served.health_name for served in models)):
         await servicer.set(name, status)
 
 
@@ -263,10 +328,35 @@ async def serve(settings: ServerSettings) -> int:
 
     # Fails on an unusable TLS or token file before the model loads (running_server reads them again).
     Security.from_settings(settings)
-    model = await loop.run_in_executor(None, load_model, settings)
-    async with running_server(settings, model) as running:
+    models = []
+    for name, repo in settings.served_models():
+        before = resident_mib()
+        model = await loop.run_in_executor(None, load_model, settings, repo)
+        after = resident_mib()
+        log.info(
+            "model loaded",
+            extra={
+                "model": name,
+                "repository": str(repo),
+                "rss_before_mib": before,
+                "rss_after_mib": after,
+                "rss_added_mib": None if before is None or after is None else after - before,
+            },
+        )
+        models.append((name, model))
+    async with running_server(settings, models) as running:
         assert running.security is not None
         loop.add_signal_handler(signal.SIGHUP, running.security.reload)
         await stop.wait()
         log.info("signal received, shutting down")
     return 0
+
+
+def resident_mib() -> int | None:
+    """This process's resident memory in MiB (Linux /proc), for the per-model load figures."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024)

@@ -32,6 +32,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                 _flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
             )
             continue
+        if typing.get_origin(annotation) is list:
+            parser.add_argument(
+                _flag(name), action="append", default=argparse.SUPPRESS, metavar=name.upper(), help=help_text
+            )
+            continue
         parser.add_argument(
             _flag(name),
             default=argparse.SUPPRESS,
@@ -93,6 +98,8 @@ def _cell(text: str) -> str:
 def _default_text(field: FieldInfo) -> str:
     if field.is_required():
         return "(required)"
+    if field.default_factory is list:
+        return "none"
     if field.default_factory is not None:
         # NOTE: calling the factory would print this machine's value (e.g. its core count) into the docs.
         doc = (field.default_factory.__doc__ or "").strip().splitlines()

@@ -64,6 +64,15 @@ class ScoreResult:
     model_texts: int
 
 
+@dataclass
+class ClassifyResult:
+    # [texts, top_k]: label indices best first, and their probabilities.
+    indices: npt.NDArray[np.int64]
+    probabilities: FloatArray
+    truncated: list[int]
+    timings: Timings
+
+
 @dataclass(frozen=True)
 class UserHistory:
     texts: Sequence[str]
@@ -156,10 +165,7 @@ class Engine:
     async def _embed(
         self, texts: Sequence[str], normalize: bool | None, strict: bool, deadline: float | None
     ) -> EmbedResult:
-        if self.manifest.task != "embedding":
-            raise InvalidArgument(
-                "this server serves a cross-encoder, which has no Embed: call Score with query_text"
-            )
+        self._check_task("Embed", "embedding")
         self._check_texts("texts", texts)
         timings = Timings()
         with self.batcher.reserve(len(texts), deadline) as room:
@@ -179,6 +185,7 @@ class Engine:
         deadline: float | None,
     ) -> ScoreResult:
         with self._call():
+            self._check_task("Score", "embedding", "cross-encoder")
             self._check_texts("candidates", candidates)
             if self.manifest.task == "cross-encoder":
                 return await self._score_pairs(query, candidates, strict, deadline)
@@ -237,7 +244,41 @@ class Engine:
         # One logit: it is the relevance. Several (a classifier): the last is the "relevant" class.
         return ScoreResult(rows[:, -1].astype(np.float32), truncated, timings, len(items))
 
+    async def classify(
+        self, texts: Sequence[str], top_k: int, strict: bool, deadline: float | None
+    ) -> ClassifyResult:
+        with self._call():
+            self._check_task("Classify", "classifier")
+            self._check_texts("texts", texts)
+            labels = len(self.manifest.labels)
+            if not 1 <= top_k <= labels:
+                raise InvalidArgument(
+                    f"top_k is {top_k}; this classifier has {labels} labels: use 1..{labels}"
+                )
+            timings = Timings()
+            with self.batcher.reserve(len(texts), deadline) as room:
+                items = await self._tokenize(timings, self._tokenizer.encode, texts, deadline)
+                truncated = self._truncated("texts", items, strict)
+                logits = await self._run(timings, items, deadline, room)
+            probabilities = probabilities_of(logits, self.manifest.multi_label)
+            # Best first, ties to the lower index: a stable sort of the negated probabilities.
+            order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+            best = np.take_along_axis(probabilities, order, axis=1)
+            return ClassifyResult(order, best, truncated, timings)
+
     # --- steps ----------------------------------------------------------------------------------------
+    def _check_task(self, rpc: str, *tasks: str) -> None:
+        """InvalidArgument naming the RPC that fits this model, when `rpc` does not."""
+        task = self.manifest.task
+        if task in tasks:
+            return
+        fits = {
+            "embedding": "Embed (or Score)",
+            "cross-encoder": "Score with query_text",
+            "classifier": "Classify",
+        }.get(task, "Info")
+        raise InvalidArgument(f"{rpc} does not apply to this model, a {task}: call {fits}")
+
     def _check_texts(self, name: str, texts: Sequence[str]) -> None:
         if not texts:
             raise InvalidArgument(f"{name} is empty: send at least one text")
@@ -347,3 +388,16 @@ def user_vector(weights: npt.NDArray[np.float64], history: FloatArray) -> FloatA
         )
     vector: FloatArray = (summed / norm).astype(np.float32)
     return vector
+
+
+def probabilities_of(logits: FloatArray, multi_label: bool) -> FloatArray:
+    """Softmax over each row (one label per text), or an independent sigmoid per label (multi-label)."""
+    values = logits.astype(np.float64)
+    if multi_label:
+        result = 0.5 * (1.0 + np.tanh(0.5 * values))  # the sigmoid, without exp's overflow
+    else:
+        values -= values.max(axis=1, keepdims=True)
+        exp = np.exp(values)
+        result = exp / exp.sum(axis=1, keepdims=True)
+    out: FloatArray = result.astype(np.float32)
+    return out

@@ -23,6 +23,13 @@ class InvalidArgument(ServeError):
     reason = "invalid"
 
 
+class NotFound(ServeError):
+    """An unknown model or catalog; the message lists the names that exist."""
+
+    code = "NOT_FOUND"
+    reason = "not_found"
+
+
 class Overloaded(ServeError):
     """No room in the bounded queue: fail fast, the caller should back off or go elsewhere."""
 

@@ -49,8 +49,14 @@ def total(counter: str) -> str:
     return f"{counter}_total"
 
 
+# Every family but the model info carries this label: the served model's name, or "" for a call that named
+# no served model (an unknown name, bytes that did not parse, a refused token). Only served names become
+# label values, so a caller cannot grow the series by sending made-up names.
+MODEL = "model"
+
+
 class Metrics:
-    """Every metric family of the server; also the batcher's observer."""
+    """Every metric family of the server; `for_model` gives one model's view (and batcher observer)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -59,24 +65,24 @@ class Metrics:
         def histogram(
             name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()
         ) -> Histogram:
-            return Histogram(name, doc, labels, buckets=buckets, registry=r)
+            return Histogram(name, doc, (MODEL, *labels), buckets=buckets, registry=r)
 
         self.requests = Counter(
-            Name.REQUESTS, "Calls by RPC and gRPC status code", ("rpc", "code"), registry=r
+            Name.REQUESTS, "Calls by model, RPC and gRPC status code", (MODEL, "rpc", "code"), registry=r
         )
         self.texts = Counter(
             Name.TEXTS,
             "Texts (or pairs) run through the model for calls that succeeded",
-            ("rpc",),
+            (MODEL, "rpc"),
             registry=r,
         )
         self.failures = Counter(
-            Name.FAILURES, "Failed calls by reason (one per call)", ("reason",), registry=r
+            Name.FAILURES, "Failed calls by reason (one per call)", (MODEL, "reason"), registry=r
         )
         self.dropped_texts = Counter(
             Name.DROPPED_TEXTS,
             "Queued texts the batcher dropped before inference, by reason (deadline, cancelled)",
-            ("reason",),
+            (MODEL, "reason"),
             registry=r,
         )
         self.request_seconds = histogram(Name.REQUEST_SECONDS, "Whole call", DURATION_BUCKETS, ("rpc",))
@@ -91,53 +97,89 @@ class Metrics:
         self.batch_tokens = histogram(
             Name.BATCH_TOKENS, "Padded tokens per batch (longest x count)", TOKEN_BUCKETS
         )
-        self.batch_real_tokens = Counter(Name.BATCH_REAL_TOKENS, "Real (unpadded) tokens run", registry=r)
+        self.batch_real_tokens = Counter(
+            Name.BATCH_REAL_TOKENS, "Real (unpadded) tokens run", (MODEL,), registry=r
+        )
         self.padding_ratio = histogram(
             Name.PADDING_RATIO, "Padded tokens / real tokens per batch", PADDING_BUCKETS
         )
-        self.queue_texts = Gauge(Name.QUEUE_TEXTS, "Texts waiting for a batch", registry=r)
-        self.queue_tokens = Gauge(Name.QUEUE_TOKENS, "Tokens waiting for a batch", registry=r)
-        self.in_flight = Gauge(Name.IN_FLIGHT, "Embed and Score calls being handled", registry=r)
+        self.queue_texts = Gauge(Name.QUEUE_TEXTS, "Texts waiting for a batch", (MODEL,), registry=r)
+        self.queue_tokens = Gauge(Name.QUEUE_TOKENS, "Tokens waiting for a batch", (MODEL,), registry=r)
+        self.in_flight = Gauge(Name.IN_FLIGHT, "Calls being handled that run the model", (MODEL,), registry=r)
         self.backlog_seconds = Gauge(
             Name.BACKLOG_SECONDS,
             "Queued tokens / recent tokens per second: seconds of work waiting (an autoscaling signal)",
+            (MODEL,),
             registry=r,
         )
         self.model_info = Gauge(
             Name.MODEL_INFO,
-            "The model served (value 1)",
-            ("name", "sha256", "precision", "provider"),
+            "The models served (value 1)",
+            (MODEL, "task", "sha256", "precision", "provider"),
             registry=r,
         )
 
-    def set_model(self, name: str, sha256: str, precision: str, provider: str) -> None:
-        self.model_info.labels(name, sha256, precision, provider).set(1)
+    def for_model(self, name: str) -> ModelMetrics:
+        return ModelMetrics(self, name)
+
+    def call_finished(
+        self, model: str, rpc: str, code: str, reason: str | None, seconds: float | None = None
+    ) -> None:
+        """Counts one finished call, and its failure reason when it failed."""
+        self.requests.labels(model, rpc, code).inc()
+        if seconds is not None:
+            self.request_seconds.labels(model, rpc).observe(seconds)
+        if reason is not None:
+            self.failures.labels(model, reason).inc()
+
+
+class ModelMetrics:
+    """The families bound to one model's label: what its engine and batcher report into."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.name = name
+        self.tokenize_seconds = metrics.tokenize_seconds.labels(name)
+        self._metrics = metrics
+        self._queue_wait = metrics.queue_wait_seconds.labels(name)
+        self._inference = metrics.inference_seconds.labels(name)
+        self._batch_size = metrics.batch_size.labels(name)
+        self._batch_tokens = metrics.batch_tokens.labels(name)
+        self._real_tokens = metrics.batch_real_tokens.labels(name)
+        self._padding = metrics.padding_ratio.labels(name)
+        self._queue_texts = metrics.queue_texts.labels(name)
+        self._queue_tokens = metrics.queue_tokens.labels(name)
+
+    def set_info(self, task: str, sha256: str, precision: str, provider: str) -> None:
+        self._metrics.model_info.labels(self.name, task, sha256, precision, provider).set(1)
 
     def watch(self, backlog_seconds: Callable[[], float], in_flight: Callable[[], int]) -> None:
         """These gauges read the batcher's estimate and the engine's count at scrape time, so neither
         number is kept twice."""
-        self.backlog_seconds.set_function(backlog_seconds)
-        self.in_flight.set_function(in_flight)
+        self._metrics.backlog_seconds.labels(self.name).set_function(backlog_seconds)
+        self._metrics.in_flight.labels(self.name).set_function(in_flight)
+
+    def texts(self, rpc: str, count: int) -> None:
+        self._metrics.texts.labels(self.name, rpc).inc(count)
 
     # --- batcher observer -------------------------------------------------------------------------
     def batch_started(self, size: int, real_tokens: int, padded_tokens: int) -> None:
-        self.batch_size.observe(size)
-        self.batch_tokens.observe(padded_tokens)
-        self.batch_real_tokens.inc(real_tokens)
-        self.padding_ratio.observe(padded_tokens / max(real_tokens, 1))
+        self._batch_size.observe(size)
+        self._batch_tokens.observe(padded_tokens)
+        self._real_tokens.inc(real_tokens)
+        self._padding.observe(padded_tokens / max(real_tokens, 1))
 
     def batch_finished(self, size: int, seconds: float, ok: bool) -> None:
-        self.inference_seconds.observe(seconds)
+        self._inference.observe(seconds)
 
     def queue_wait(self, seconds: float) -> None:
-        self.queue_wait_seconds.observe(seconds)
+        self._queue_wait.observe(seconds)
 
     def dropped(self, reason: str, texts: int) -> None:
-        self.dropped_texts.labels(reason).inc(texts)
+        self._metrics.dropped_texts.labels(self.name, reason).inc(texts)
 
     def queue_changed(self, texts: int, tokens: int) -> None:
-        self.queue_texts.set(texts)
-        self.queue_tokens.set(tokens)
+        self._queue_texts.set(texts)
+        self._queue_tokens.set(tokens)
 
 
 # The /metrics endpoint: a request head larger than this is refused, and a connection that sends nothing

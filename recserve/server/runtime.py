@@ -310,11 +310,14 @@ class FastTokenizer:
         return encode(self._tokenizer(), [(query, candidate) for candidate in candidates])
 
 
-def load_model(settings: ServerSettings) -> Model:
-    """The repository at `settings.model_repo` with the runtime its settings and this machine choose."""
-    manifest = Manifest.load(settings.model_repo)
+def load_model(settings: ServerSettings, repo: Path | None = None) -> Model:
+    """The repository `repo` (default: the first one `settings` serves) with the runtime its settings and
+    this machine choose."""
+    if repo is None:
+        repo = settings.served_models()[0][1]
+    manifest = Manifest.load(repo)
     backend = load_backend(
-        settings.model_repo,
+        repo,
         manifest,
         settings.device,
         settings.precision,
@@ -323,4 +326,4 @@ def load_model(settings: ServerSettings) -> Model:
         settings.max_concurrent_batches,
         verify=not settings.skip_verify,
     )
-    return Model(manifest, FastTokenizer(settings.model_repo / manifest.tokenizer_file), backend)
+    return Model(manifest, FastTokenizer(repo / manifest.tokenizer_file), backend)

@@ -259,8 +259,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _refusing(self, handler: grpc.RpcMethodHandler, rpc: str, message: str) -> grpc.RpcMethodHandler:
         async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             log.info("call refused", extra={"rpc": rpc, "code": "UNAUTHENTICATED", "peer": context.peer()})
-            self.metrics.requests.labels(rpc, grpc.StatusCode.UNAUTHENTICATED.name).inc()
-            self.metrics.failures.labels("unauthenticated").inc()
+            # NOTE: no model label: the request was never parsed, so which model it named is unknown.
+            self.metrics.call_finished("", rpc, grpc.StatusCode.UNAUTHENTICATED.name, "unauthenticated")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
         # The refusal has the handler's shape; no request deserializer, so nothing is parsed for it.

@@ -20,14 +20,13 @@ from google.protobuf.message import Message
 from recserve import __version__
 from recserve.manifest import Manifest
 from recserve.server import errors
-from recserve.server.engine import Engine, Similarity, Timings, UserHistory
+from recserve.server.engine import Similarity, Timings, UserHistory
 from recserve.server.metrics import Metrics
+from recserve.server.registry import SERVICE_NAME, ServedModel, ServedModels
 from recserve.v1 import inference_pb2 as pb
 from recserve.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
 # A cancellation this close to the call's deadline is the deadline passing, not the caller leaving.
 DEADLINE_SLACK_S = 0.01
@@ -101,7 +100,7 @@ class Malformed:
         reason = str(error).rpartition(": ")[2] or type(error).__name__
         self.message = f"the request is not a valid {type_name}: {reason}"
 
-    async def refuse(self, deadline: float | None) -> NoReturn:
+    async def refuse(self, served: ServedModel, deadline: float | None) -> NoReturn:
         raise errors.InvalidArgument(self.message)
 
 
@@ -140,47 +139,58 @@ def _guarded(
 
     async def handler(request: Any, context: grpc.aio.ServicerContext[object, object]) -> Any:
         if isinstance(request, Malformed):
-            return await servicer._handle(rpc, context, request.refuse)
+            return await servicer._handle(rpc, context, None, request.refuse)
         return await method(request, context)
 
     return handler
 
 
+Call = Callable[[ServedModel, float | None], Awaitable[tuple[Reply, Timings, int]]]
+
+
 class InferenceService(pb_grpc.InferenceServicer):
-    def __init__(self, engine: Engine, metrics: Metrics, info: pb.InfoResponse) -> None:
-        self.engine = engine
+    def __init__(self, models: ServedModels, metrics: Metrics) -> None:
+        self.models = models
         self.metrics = metrics
-        self.info = info
 
     async def _handle(
         self,
         rpc: str,
         context: grpc.aio.ServicerContext[object, object],
-        call: Callable[[float | None], Awaitable[tuple[Reply, Timings, int]]],
+        model: str | None,
+        call: Call[Reply],
     ) -> Reply:
-        """Runs one call: request id, timings in trailing metadata, metrics, and the status mapping.
+        """Runs one call: the model it names, request id, timings in trailing metadata, metrics, and the
+        status mapping.
 
-        `call` gets the call's deadline on the event loop's clock (None without one).
+        `call` gets the served model and the call's deadline on the event loop's clock (None without one).
+        `model` is the request's model field; None for a request that did not parse, whose `call` refuses
+        it before a model is looked up.
         """
         started = time.perf_counter()
         request_id = dict(context.invocation_metadata() or ()).get("x-request-id") or uuid.uuid4().hex[:16]
         deadline = _deadline(context)
+        served: ServedModel | None = None
         failure: BaseException
         try:
-            reply, timings, texts = await call(deadline)
+            if model is None:  # the request did not parse: `call` refuses it, and it named no model
+                await call(self.models.default, deadline)
+            served = self.models.get(model or "")
+            reply, timings, texts = await call(served, deadline)
         except asyncio.CancelledError:
             # gRPC cancels the handler both when the client goes away and when its deadline passes (its
             # timer and this loop's clock may disagree by a hair, hence the slack).
+            label = "" if served is None else served.name
             if deadline is not None and asyncio.get_running_loop().time() >= deadline - DEADLINE_SLACK_S:
-                self._record(rpc, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline", started, request_id)
+                self._record(label, rpc, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline", started, request_id)
             else:
-                self._record(rpc, grpc.StatusCode.CANCELLED, "cancelled", started, request_id)
+                self._record(label, rpc, grpc.StatusCode.CANCELLED, "cancelled", started, request_id)
             raise
         except Exception as exc:
             failure = exc
         else:
-            self.metrics.texts.labels(rpc).inc(texts)
-            self.metrics.tokenize_seconds.observe(timings.tokenize_s)
+            served.metrics.texts(rpc, texts)
+            served.metrics.tokenize_seconds.observe(timings.tokenize_s)
             context.set_trailing_metadata(
                 (
                     ("x-request-id", request_id),
@@ -189,7 +199,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                     ("x-infer-ms", f"{timings.infer_s * 1e3:.3f}"),
                 )
             )
-            self._record(rpc, grpc.StatusCode.OK, None, started, request_id)
+            self._record(served.name, rpc, grpc.StatusCode.OK, None, started, request_id)
             return reply
 
         known = isinstance(failure, errors.ServeError) and not isinstance(failure, errors.Internal)
@@ -207,26 +217,30 @@ class InferenceService(pb_grpc.InferenceServicer):
             message = f"internal error (request id {request_id}); the server log has the details"
         reason = failure.reason if isinstance(failure, errors.ServeError) else "internal"
         # NOTE: recorded before abort: the client has its status as soon as abort sends it.
-        self._record(rpc, code, reason, started, request_id)
+        self._record("" if served is None else served.name, rpc, code, reason, started, request_id)
         context.set_trailing_metadata((("x-request-id", request_id),))
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 
     def _record(
-        self, rpc: str, code: grpc.StatusCode, reason: str | None, started: float, request_id: str
+        self,
+        model: str,
+        rpc: str,
+        code: grpc.StatusCode,
+        reason: str | None,
+        started: float,
+        request_id: str,
     ) -> None:
         """Counts one finished call, exactly once, before its status reaches the client."""
         seconds = time.perf_counter() - started
-        self.metrics.requests.labels(rpc, code.name).inc()
-        self.metrics.request_seconds.labels(rpc).observe(seconds)
-        if reason is not None:
-            self.metrics.failures.labels(reason).inc()
+        self.metrics.call_finished(model, rpc, code.name, reason, seconds)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "call",
                 extra={
                     "request_id": request_id,
                     "rpc": rpc,
+                    "model": model,
                     "code": code.name,
                     "ms": round(1e3 * seconds, 3),
                 },
@@ -235,11 +249,11 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.EmbedResponse:
-        async def call(deadline: float | None) -> tuple[pb.EmbedResponse, Timings, int]:
+        async def call(served: ServedModel, deadline: float | None) -> tuple[pb.EmbedResponse, Timings, int]:
             strict = _strict(request.truncation)
             encoding = vector_encoding(request.encoding)
             normalize = request.normalize if request.HasField("normalize") else None
-            result = await self.engine.embed(request.texts, normalize, strict, deadline)
+            result = await served.engine.embed(request.texts, normalize, strict, deadline)
             response = pb.EmbedResponse(
                 dimension=result.vectors.shape[1],
                 truncated=result.truncated,
@@ -248,12 +262,12 @@ class InferenceService(pb_grpc.InferenceServicer):
             encode_vectors(result.vectors, encoding, response)
             return response, result.timings, len(request.texts)
 
-        return await self._handle("Embed", context, call)
+        return await self._handle("Embed", context, request.model, call)
 
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ScoreResponse:
-        async def call(deadline: float | None) -> tuple[pb.ScoreResponse, Timings, int]:
+        async def call(served: ServedModel, deadline: float | None) -> tuple[pb.ScoreResponse, Timings, int]:
             strict = _strict(request.truncation)
             similarity = _SIMILARITY.get(request.similarity)
             if similarity is None:
@@ -266,22 +280,46 @@ class InferenceService(pb_grpc.InferenceServicer):
                 query = UserHistory(request.user_history.texts, request.user_history.weights)
             else:
                 raise errors.InvalidArgument("set the query: query_text or user_history")
-            result = await self.engine.score(query, request.candidates, similarity, strict, deadline)
+            result = await served.engine.score(query, request.candidates, similarity, strict, deadline)
             response = pb.ScoreResponse(scores=result.scores.tolist(), truncated=result.truncated)
             return response, result.timings, result.model_texts
 
-        return await self._handle("Score", context, call)
+        return await self._handle("Score", context, request.model, call)
+
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ClassifyResponse:
+        async def call(
+            served: ServedModel, deadline: float | None
+        ) -> tuple[pb.ClassifyResponse, Timings, int]:
+            strict = _strict(request.truncation)
+            result = await served.engine.classify(request.texts, request.top_k or 1, strict, deadline)
+            labels = served.engine.manifest.labels
+            response = pb.ClassifyResponse(truncated=result.truncated)
+            for indices, probabilities in zip(
+                result.indices.tolist(), result.probabilities.tolist(), strict=True
+            ):
+                response.results.add(
+                    labels=[
+                        pb.LabelScore(label=labels[i], probability=p, index=i)
+                        for i, p in zip(indices, probabilities, strict=True)
+                    ]
+                )
+            return response, result.timings, len(request.texts)
+
+        return await self._handle("Classify", context, request.model, call)
 
     async def Info(
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.InfoResponse:
-        async def call(deadline: float | None) -> tuple[pb.InfoResponse, Timings, int]:
-            return self.info, Timings(), 0
+        async def call(served: ServedModel, deadline: float | None) -> tuple[pb.InfoResponse, Timings, int]:
+            return served.info, Timings(), 0
 
-        return await self._handle("Info", context, call)
+        return await self._handle("Info", context, request.model, call)
 
 
 def build_info(
+    name: str,
     manifest: Manifest,
     precision: str,
     provider: str,
@@ -294,6 +332,9 @@ def build_info(
     own claims are never reported as verified.
     """
     return pb.InfoResponse(
+        name=name,
+        labels=manifest.labels,
+        multi_label=manifest.multi_label,
         model_name=manifest.model_name,
         weights_sha256=manifest.source.weights_sha256,
         task=manifest.task,
@@ -308,3 +349,21 @@ def build_info(
         variant_sha256=verified_sha256 or "",
         verified=verified_sha256 is not None,
     )
+
+
+def list_models(models: ServedModels) -> None:
+    """Adds the list of every served model, the default first, to each model's Info."""
+    order = [models.default, *(served for served in models if served is not models.default)]
+    summary = [
+        pb.ServedModel(
+            name=served.name,
+            task=served.info.task,
+            dimension=served.info.dimension,
+            precision=served.info.precision,
+            default=served is models.default,
+        )
+        for served in order
+    ]
+    for served in models:
+        del served.info.models[:]
+        served.info.models.extend(summary)

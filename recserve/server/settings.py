@@ -22,7 +22,19 @@ class ServerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RECSERVE_", extra="forbid", frozen=True)
 
-    model_repo: Path = Field(description="model repository directory written by `recserve export`")
+    model_repo: Path | None = Field(
+        None,
+        description="model repository directory written by `recserve export`, served under its directory's"
+        " name; or use --model",
+    )
+    model: list[str] = Field(
+        default_factory=list,
+        description="NAME=DIR (or DIR, named after its directory): a model repository to serve; repeat the"
+        " flag for several models, each with its own tokenizers and batcher",
+    )
+    default_model: str | None = Field(
+        None, description="the model a call that names none gets; unset = the first model"
+    )
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 inside a container")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one (tests)")
     metrics_port: int | None = Field(
@@ -122,6 +134,31 @@ class ServerSettings(BaseSettings):
 
         BatcherConfig.from_settings(self)
         return self
+
+    @model_validator(mode="after")
+    def _models_are_named_once(self) -> ServerSettings:
+        names = [name for name, _ in self.served_models()]
+        if not names:
+            raise ValueError("name a model repository: --model-repo DIR or --model NAME=DIR")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"model name(s) given twice: {', '.join(repeated)}; name them apart (NAME=DIR)")
+        if self.default_model is not None and self.default_model not in names:
+            raise ValueError(f"--default-model {self.default_model!r} is not served: {', '.join(names)}")
+        return self
+
+    def served_models(self) -> list[tuple[str, Path]]:
+        """(name, repository) of every model to serve, in the order given: --model-repo first."""
+        given = [] if self.model_repo is None else [(self.model_repo.name, self.model_repo)]
+        for entry in self.model:
+            name, sep, where = entry.partition("=")
+            if not sep:
+                where = name
+                name = Path(where).name
+            if not name or not where:
+                raise ValueError(f"--model {entry!r}: use NAME=DIR or DIR")
+            given.append((name, Path(where)))
+        return given
 
     @model_validator(mode="after")
     def _security_is_whole(self) -> ServerSettings:

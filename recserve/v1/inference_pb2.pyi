@@ -37,16 +37,18 @@ SIMILARITY_COSINE: Similarity
 SIMILARITY_DOT: Similarity
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("texts", "encoding", "normalize", "truncation")
+    __slots__ = ("texts", "encoding", "normalize", "truncation", "model")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     encoding: VectorEncoding
     normalize: bool
     truncation: Truncation
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., encoding: _Optional[_Union[VectorEncoding, str]] = ..., normalize: _Optional[bool] = ..., truncation: _Optional[_Union[Truncation, str]] = ...) -> None: ...
+    model: str
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., encoding: _Optional[_Union[VectorEncoding, str]] = ..., normalize: _Optional[bool] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Vector(_message.Message):
     __slots__ = ("values",)
@@ -79,18 +81,20 @@ class UserHistory(_message.Message):
     def __init__(self, texts: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("query_text", "user_history", "candidates", "similarity", "truncation")
+    __slots__ = ("query_text", "user_history", "candidates", "similarity", "truncation", "model")
     QUERY_TEXT_FIELD_NUMBER: _ClassVar[int]
     USER_HISTORY_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     query_text: str
     user_history: UserHistory
     candidates: _containers.RepeatedScalarFieldContainer[str]
     similarity: Similarity
     truncation: Truncation
-    def __init__(self, query_text: _Optional[str] = ..., user_history: _Optional[_Union[UserHistory, _Mapping]] = ..., candidates: _Optional[_Iterable[str]] = ..., similarity: _Optional[_Union[Similarity, str]] = ..., truncation: _Optional[_Union[Truncation, str]] = ...) -> None: ...
+    model: str
+    def __init__(self, query_text: _Optional[str] = ..., user_history: _Optional[_Union[UserHistory, _Mapping]] = ..., candidates: _Optional[_Iterable[str]] = ..., similarity: _Optional[_Union[Similarity, str]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("scores", "truncated")
@@ -101,8 +105,10 @@ class ScoreResponse(_message.Message):
     def __init__(self, scores: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_texts_per_call", "max_text_bytes", "max_message_bytes", "max_batch_tokens", "max_batch_size", "max_queue_texts")
@@ -121,7 +127,7 @@ class Limits(_message.Message):
     def __init__(self, max_texts_per_call: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_texts: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "weights_sha256", "task", "dimension", "max_tokens", "precision", "provider", "pooling", "normalize", "limits", "server_version", "variant_sha256", "verified")
+    __slots__ = ("model_name", "weights_sha256", "task", "dimension", "max_tokens", "precision", "provider", "pooling", "normalize", "limits", "server_version", "variant_sha256", "verified", "name", "models", "labels", "multi_label")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +141,10 @@ class InfoResponse(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     VARIANT_SHA256_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    MULTI_LABEL_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     weights_sha256: str
     task: str
@@ -148,4 +158,58 @@ class InfoResponse(_message.Message):
     server_version: str
     variant_sha256: str
     verified: bool
-    def __init__(self, model_name: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., task: _Optional[str] = ..., dimension: _Optional[int] = ..., max_tokens: _Optional[int] = ..., precision: _Optional[str] = ..., provider: _Optional[str] = ..., pooling: _Optional[str] = ..., normalize: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., variant_sha256: _Optional[str] = ..., verified: _Optional[bool] = ...) -> None: ...
+    name: str
+    models: _containers.RepeatedCompositeFieldContainer[ServedModel]
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    multi_label: bool
+    def __init__(self, model_name: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., task: _Optional[str] = ..., dimension: _Optional[int] = ..., max_tokens: _Optional[int] = ..., precision: _Optional[str] = ..., provider: _Optional[str] = ..., pooling: _Optional[str] = ..., normalize: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., variant_sha256: _Optional[str] = ..., verified: _Optional[bool] = ..., name: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., multi_label: _Optional[bool] = ...) -> None: ...
+
+class ServedModel(_message.Message):
+    __slots__ = ("name", "task", "dimension", "precision", "default")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    task: str
+    dimension: int
+    precision: str
+    default: bool
+    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., dimension: _Optional[int] = ..., precision: _Optional[str] = ..., default: _Optional[bool] = ...) -> None: ...
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("texts", "top_k", "truncation", "model")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    top_k: int
+    truncation: Truncation
+    model: str
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., model: _Optional[str] = ...) -> None: ...
+
+class LabelScore(_message.Message):
+    __slots__ = ("label", "probability", "index")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    probability: float
+    index: int
+    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ..., index: _Optional[int] = ...) -> None: ...
+
+class Classification(_message.Message):
+    __slots__ = ("labels",)
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    def __init__(self, labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("results", "truncated")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[Classification]
+    truncated: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., truncated: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -49,6 +49,11 @@ class InferenceStub:
                 request_serializer=recserve_dot_v1_dot_inference__pb2.InfoRequest.SerializeToString,
                 response_deserializer=recserve_dot_v1_dot_inference__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/recserve.v1.Inference/Classify',
+                request_serializer=recserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=recserve_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -75,6 +80,13 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Classify(self, request, context):
+        """The top labels of each text, from a classifier (e.g. a user's text -> an interest class).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=recserve_dot_v1_dot_inference__pb2.InfoRequest.FromString,
                     response_serializer=recserve_dot_v1_dot_inference__pb2.InfoResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=recserve_dot_v1_dot_inference__pb2.ClassifyRequest.FromString,
+                    response_serializer=recserve_dot_v1_dot_inference__pb2.ClassifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +192,33 @@ class Inference:
             '/recserve.v1.Inference/Info',
             recserve_dot_v1_dot_inference__pb2.InfoRequest.SerializeToString,
             recserve_dot_v1_dot_inference__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recserve.v1.Inference/Classify',
+            recserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
+            recserve_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,9 +18,17 @@ from recserve.server.model import Model
 from recserve.tensors import Encoded, FloatArray, l2_normalize
 
 CLS, SEP = 101, 102
+# A fake classifier's labels, in the order of its logits.
+FAKE_LABELS = ("books", "music", "sports", "travel")
 
 
-def fake_manifest(task: Task = "embedding", dim: int = 8, max_length: int = 32) -> Manifest:
+def _outputs(task: Task, dim: int) -> int:
+    return {"embedding": dim, "cross-encoder": 1, "classifier": len(FAKE_LABELS)}[task]
+
+
+def fake_manifest(
+    task: Task = "embedding", dim: int = 8, max_length: int = 32, multi_label: bool = False
+) -> Manifest:
     """A manifest as an export would write it, for a model that exists only in this process."""
     return Manifest.model_validate(
         {
@@ -30,7 +38,7 @@ def fake_manifest(task: Task = "embedding", dim: int = 8, max_length: int = 32) 
             "architecture": "FakeModel",
             "model_type": "fake",
             "hidden_size": dim,
-            "output_dim": dim if task == "embedding" else 1,
+            "output_dim": _outputs(task, dim),
             "pooling": "mean" if task == "embedding" else None,
             "normalize": task == "embedding",
             "max_length": max_length,
@@ -39,6 +47,8 @@ def fake_manifest(task: Task = "embedding", dim: int = 8, max_length: int = 32) 
             "output_name": "last_hidden_state" if task == "embedding" else "logits",
             "variants": {},
             "export": {"duration_s": 0.0, "versions": {}, "created_at": "2026-01-01T00:00:00+00:00"},
+            "labels": list(FAKE_LABELS) if task == "classifier" else [],
+            "multi_label": multi_label,
         }
     )
 
@@ -103,7 +113,7 @@ class FakeBackend:
     verified_sha256: str | None = None  # no file to verify
 
     def __init__(self, dim: int, task: Task = "embedding", concurrent_batches: int = 1) -> None:
-        self.dim = dim if task == "embedding" else 1
+        self.dim = _outputs(task, dim)
         self.concurrent_batches = concurrent_batches
         self.delay_s = 0.0
         self.gate = threading.Event()
@@ -154,10 +164,14 @@ class FakeModel(Model):
 
 
 def fake_model(
-    task: Task = "embedding", dim: int = 8, max_length: int = 32, concurrent_batches: int = 1
+    task: Task = "embedding",
+    dim: int = 8,
+    max_length: int = 32,
+    concurrent_batches: int = 1,
+    multi_label: bool = False,
 ) -> FakeModel:
     return FakeModel(
-        fake_manifest(task, dim, max_length),
+        fake_manifest(task, dim, max_length, multi_label),
         FakeTokenizer(max_length),
         FakeBackend(dim, task, concurrent_batches),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,13 +52,14 @@ def settings_for(repo: Path, **overrides: Any) -> ServerSettings:
 class ServerThread:
     """Starts `running_server` in a thread; `stop()` drains it like a SIGTERM would.
 
-    Without `model`, it loads the real one from `settings.model_repo`, as `recserve serve` does.
+    Without `model` (one, or (name, model) pairs), it loads the real ones the settings name, as `recserve
+    serve` does.
     """
 
     def __init__(
         self,
         settings: ServerSettings,
-        model: Model | None = None,
+        model: Model | Sequence[tuple[str, Model]] | None = None,
         before_ready: Callable[[RunningServer], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
@@ -82,7 +83,10 @@ class ServerThread:
             if self.model is None:
                 from recserve.server.runtime import load_model
 
-                self.model = await self.loop.run_in_executor(None, load_model, self.settings)
+                self.model = [
+                    (name, await self.loop.run_in_executor(None, load_model, self.settings, repo))
+                    for name, repo in self.settings.served_models()
+                ]
             async with running_server(
                 self.settings, self.model, self.registry, before_ready=self._before_ready
             ) as server:
@@ -130,7 +134,9 @@ class ServerThread:
 
 
 @contextmanager
-def serving(repo: Path, model: Model | None = None, **overrides: Any) -> Iterator[ServerThread]:
+def serving(
+    repo: Path, model: Model | Sequence[tuple[str, Model]] | None = None, **overrides: Any
+) -> Iterator[ServerThread]:
     """A started server of `repo` (or of `model`, a fake, with `repo` only naming it); stopped on exit."""
     thread = ServerThread(settings_for(repo, **overrides), model).start()
     try:
