@@ -146,6 +146,11 @@ class ServerInfo:
     normalize: bool
     limits: Limits
     server_version: str
+    # The served name of this model (what `model=` picks), and every model the server serves.
+    name: str = ""
+    models: tuple[str, ...] = ()
+    # A classifier's labels, in the order of its logits.
+    labels: tuple[str, ...] = ()
 
     @classmethod
     def from_proto(cls, msg: pb.InfoResponse) -> ServerInfo:
@@ -169,6 +174,9 @@ class ServerInfo:
                 max_queue_texts=lim.max_queue_texts,
             ),
             server_version=msg.server_version,
+            name=msg.name,
+            models=tuple(m.name for m in msg.models),
+            labels=tuple(msg.labels),
         )
 
 
@@ -226,14 +234,21 @@ def plan_chunks(
 
 
 def embed_request(
-    texts: Sequence[str], *, encoding: Encoding, normalize: bool | None, truncation: TruncationMode
+    texts: Sequence[str],
+    *,
+    encoding: Encoding,
+    normalize: bool | None,
+    truncation: TruncationMode,
+    model: str = "",
 ) -> pb.EmbedRequest:
     """The EmbedRequest for `texts`; raises ValueError on an unknown encoding or truncation mode."""
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
     if truncation not in TRUNCATIONS:
         raise ValueError(f"unknown truncation {truncation!r}; choose one of {', '.join(TRUNCATIONS)}")
-    req = pb.EmbedRequest(texts=texts, encoding=ENCODINGS[encoding], truncation=TRUNCATIONS[truncation])
+    req = pb.EmbedRequest(
+        texts=texts, encoding=ENCODINGS[encoding], truncation=TRUNCATIONS[truncation], model=model
+    )
     if normalize is not None:
         req.normalize = normalize
     return req
@@ -247,6 +262,7 @@ def score_request(
     weights: Sequence[float] | None,
     similarity: SimilarityMode,
     truncation: TruncationMode,
+    model: str = "",
 ) -> pb.ScoreRequest:
     """The ScoreRequest for a text query or a user history (exactly one of them)."""
     if (query is None) == (history is None):
@@ -258,7 +274,10 @@ def score_request(
     if truncation not in TRUNCATIONS:
         raise ValueError(f"unknown truncation {truncation!r}; choose one of {', '.join(TRUNCATIONS)}")
     req = pb.ScoreRequest(
-        candidates=candidates, similarity=SIMILARITIES[similarity], truncation=TRUNCATIONS[truncation]
+        candidates=candidates,
+        similarity=SIMILARITIES[similarity],
+        truncation=TRUNCATIONS[truncation],
+        model=model,
     )
     if query is not None:
         req.query_text = query
@@ -284,6 +303,16 @@ def decode_vectors(resp: pb.EmbedResponse, count: int) -> FloatArray:
     for row, vec in zip(out, resp.vectors, strict=True):
         row[:] = vec.values
     return out
+
+
+Labels = list[list[tuple[str, float]]]
+
+
+def decode_labels(resp: pb.ClassifyResponse, count: int) -> Labels:
+    """Each text's (label, probability) pairs, best first; ProtocolError when the count is wrong."""
+    if len(resp.results) != count:
+        raise ProtocolError(f"server returned {len(resp.results)} classifications for {count} texts")
+    return [[(label.label, label.probability) for label in result.labels] for result in resp.results]
 
 
 def decode_scores(resp: pb.ScoreResponse, count: int) -> FloatArray:
@@ -433,7 +462,11 @@ _HEALTH_NAMES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.i
 class _Base:
     """What both clients share: settings, the cached Info, and the planning that needs it."""
 
-    def __init__(self, max_message_bytes: int, deadline: float | None, transport: _Transport) -> None:
+    def __init__(
+        self, max_message_bytes: int, deadline: float | None, transport: _Transport, model: str
+    ) -> None:
+        # The served model every call names ("" = the server's default).
+        self.model = model
         self.max_message_bytes = max_message_bytes
         self.deadline = deadline
         self._info: ServerInfo | None = None
@@ -459,7 +492,9 @@ class _Base:
             response_bytes_per_text=_vector_bytes(info.dimension, encoding),
         )
         return [
-            embed_request(texts[c], encoding=encoding, normalize=normalize, truncation=truncation)
+            embed_request(
+                texts[c], encoding=encoding, normalize=normalize, truncation=truncation, model=self.model
+            )
             for c in chunks
         ]
 
@@ -488,6 +523,26 @@ class _Base:
                 weights=weights,
                 similarity=similarity,
                 truncation=truncation,
+                model=self.model,
+            )
+            for c in chunks
+        ]
+
+    def _classify_requests(
+        self, info: ServerInfo, texts: Sequence[str], top_k: int, truncation: TruncationMode
+    ) -> list[pb.ClassifyRequest]:
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"unknown truncation {truncation!r}; choose one of {', '.join(TRUNCATIONS)}")
+        per_text = (top_k or 1) * (16 + max((len(label) for label in info.labels), default=0))
+        chunks = plan_chunks(
+            texts,
+            max_texts=info.limits.max_texts_per_call or len(texts),
+            budget_bytes=self._budget(info),
+            response_bytes_per_text=per_text,
+        )
+        return [
+            pb.ClassifyRequest(
+                texts=texts[c], top_k=top_k, truncation=TRUNCATIONS[truncation], model=self.model
             )
             for c in chunks
         ]
@@ -508,6 +563,7 @@ class Client(_Base):
     TLS: `tls=True` (system roots) or `root_certificates=` (a CA bundle, PEM); mutual TLS adds
     `certificate_chain=` and `private_key=`; `server_name=` checks the server's certificate against that
     name instead of the target's host. `token=` is sent as `authorization: Bearer <token>` on every call.
+    `model=` names the served model every call uses ("" = the server's default).
     """
 
     def __init__(
@@ -524,6 +580,7 @@ class Client(_Base):
         deadline: float | None = 30.0,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         health_check: bool | None = None,
+        model: str = "",
     ) -> None:
         self.target = channel_target(target)
         config = service_config(max_attempts, names_a_fleet(target) if health_check is None else health_check)
@@ -537,7 +594,7 @@ class Client(_Base):
             token,
             config,
         )
-        super().__init__(max_message_bytes, deadline, transport)
+        super().__init__(max_message_bytes, deadline, transport, model)
         creds, opts = transport.credentials, transport.options
         self.channel: grpc.Channel = (
             grpc.insecure_channel(self.target, options=opts)
@@ -565,7 +622,9 @@ class Client(_Base):
     def info(self, *, refresh: bool = False, deadline: float | None = None) -> ServerInfo:
         """What is served and the server's limits (cached after the first call)."""
         if self._info is None or refresh:
-            self._info = ServerInfo.from_proto(self._call(self.stub.Info, pb.InfoRequest(), deadline))
+            self._info = ServerInfo.from_proto(
+                self._call(self.stub.Info, pb.InfoRequest(model=self.model), deadline)
+            )
         return self._info
 
     def health(self, service: str = SERVICE_NAME, *, deadline: float | None = None) -> str:
@@ -606,6 +665,22 @@ class Client(_Base):
             [decode_scores(self._call(self.stub.Score, r, deadline), len(r.candidates)) for r in reqs]
         )
 
+    def classify(
+        self,
+        texts: Sequence[str],
+        *,
+        top_k: int = 1,
+        truncation: TruncationMode = "truncate",
+        deadline: float | None = None,
+    ) -> Labels:
+        """Each text's `top_k` (label, probability) pairs, best first, in order (classifier models)."""
+        reqs = self._classify_requests(self.info(), texts, top_k, truncation)
+        return [
+            row
+            for r in reqs
+            for row in decode_labels(self._call(self.stub.Classify, r, deadline), len(r.texts))
+        ]
+
 
 class AsyncClient(_Base):
     """asyncio client over grpc.aio. `async with AsyncClient(target) as c: await c.embed([...])`.
@@ -632,6 +707,7 @@ class AsyncClient(_Base):
         max_concurrent_chunks: int = 4,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         health_check: bool | None = None,
+        model: str = "",
     ) -> None:
         self.target = channel_target(target)
         config = service_config(max_attempts, names_a_fleet(target) if health_check is None else health_check)
@@ -645,7 +721,7 @@ class AsyncClient(_Base):
             token,
             config,
         )
-        super().__init__(max_message_bytes, deadline, transport)
+        super().__init__(max_message_bytes, deadline, transport, model)
         creds, opts = transport.credentials, transport.options
         self.channel: grpc.aio.Channel = (
             grpc.aio.insecure_channel(self.target, options=opts)
@@ -685,7 +761,9 @@ class AsyncClient(_Base):
     async def info(self, *, refresh: bool = False, deadline: float | None = None) -> ServerInfo:
         """What is served and the server's limits (cached after the first call)."""
         if self._info is None or refresh:
-            self._info = ServerInfo.from_proto(await self._call(self.stub.Info, pb.InfoRequest(), deadline))
+            self._info = ServerInfo.from_proto(
+                await self._call(self.stub.Info, pb.InfoRequest(model=self.model), deadline)
+            )
         return self._info
 
     async def health(self, service: str = SERVICE_NAME, *, deadline: float | None = None) -> str:
@@ -728,3 +806,16 @@ class AsyncClient(_Base):
         return np.concatenate(
             [decode_scores(resp, len(r.candidates)) for r, resp in zip(reqs, resps, strict=True)]
         )
+
+    async def classify(
+        self,
+        texts: Sequence[str],
+        *,
+        top_k: int = 1,
+        truncation: TruncationMode = "truncate",
+        deadline: float | None = None,
+    ) -> Labels:
+        """Each text's `top_k` (label, probability) pairs, best first, in order (classifier models)."""
+        reqs = self._classify_requests(await self.info(), texts, top_k, truncation)
+        resps = await self._gather(self._call(self.stub.Classify, r, deadline) for r in reqs)
+        return [row for r, resp in zip(reqs, resps, strict=True) for row in decode_labels(resp, len(r.texts))]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from recserve.client import Client, NotFound
 from recserve.server.engine import probabilities_of
 from recserve.server.metrics import Name, total
 from recserve.server.registry import health_name
@@ -148,6 +149,25 @@ def test_classify_gives_the_top_labels_of_each_text_in_order(
         assert [label.label for label in result.labels] == [FAKE_LABELS[i] for i in best]
         np.testing.assert_allclose([label.probability for label in result.labels], row[best], rtol=1e-6)
     assert list(reply.truncated) == [3]
+
+
+def test_the_client_names_its_model_and_classifies(
+    server: ServerThread, models: dict[str, FakeModel]
+) -> None:
+    with Client(server.address, model="interest", deadline=10) as client:
+        info = client.info()
+        assert (info.name, info.labels, info.models) == (
+            "interest",
+            FAKE_LABELS,
+            ("users", "rerank", "interest"),
+        )
+        got = client.classify(["jazz records", "hiking boots"], top_k=3)
+    assert [len(row) for row in got] == [3, 3]
+    assert all(label in FAKE_LABELS and 0 <= p <= 1 for row in got for label, p in row)
+    with Client(server.address, model="users", deadline=10) as client:
+        np.testing.assert_allclose(client.embed(["a"]), models["users"].expected(["a"]), atol=1e-6)
+    with Client(server.address, model="gone", deadline=10) as client, pytest.raises(NotFound, match="users"):
+        client.info()
 
 
 def test_probabilities_are_softmax_or_independent_sigmoids_without_overflow() -> None:
