@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "export": ("recserve.export.command", "Hugging Face checkpoint -> ONNX model repository"),
     "serve": ("recserve.server.command", "serve a model repository over gRPC"),
     "bench": ("recserve.benchmarks.command", "load-test a server and write a report"),
+    "index": ("recserve.catalog.command", "embed a JSON Lines file of items into a catalog for Recommend"),
     "health": ("recserve.health", "ask a server's grpc.health.v1 for its status; exit 0 when SERVING"),
 }
 
