@@ -659,8 +659,10 @@ def test_the_kserve_runtime_serves_the_inference_service(monkeypatch: pytest.Mon
     assert model["runtime"] == runtime["metadata"]["name"]
     assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
-    # Until the KServe v2 issue lands the server speaks no KServe protocol; never claim grpc-v2 before then.
-    assert runtime["spec"]["protocolVersions"] == ["v1"]
+    # The server answers inference.GRPCInferenceService on its port (docs/kserve.md) and no REST protocol;
+    # KServe matches the InferenceService's protocol against the runtime's list.
+    assert runtime["spec"]["protocolVersions"] == ["grpc-v2"]
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
 
     # The runtime's containers are core containers: validate them inside a real Pod.
     pod = {

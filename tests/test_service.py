@@ -255,7 +255,7 @@ BAD_SCORES = {
     "negative weight": (_history(["a", "b"], [1.0, -1.0]), "weights[1] is -1.0"),
     "NaN weight": (_history(["a", "b"], [math.nan, 1.0]), "weights[0] is nan"),
     "infinite weight": (_history(["a", "b"], [1.0, math.inf]), "weights[1] is inf"),
-    "wrong weight count": (_history(["a", "b"], [1.0]), "2 texts but 1 weights"),
+    "wrong weight count": (_history(["a", "b"], [1.0]), "2 items but 1 weights"),
     "all-zero weights": (_history(["a", "b"], [0.0, 0.0]), "all zero"),
     "empty history": (_history([], []), "user_history.texts is empty"),
     "query over the byte limit": (
@@ -374,10 +374,7 @@ def test_metrics_families_and_consistency(server: ServerThread, stub: pb_grpc.In
     assert delta(total(Name.FAILURES)) == delta(total(Name.FAILURES), reason="invalid") == 1
     assert value(after, Name.IN_FLIGHT) == 0
     assert value(after, Name.QUEUE_TEXTS) == 0
-    assert (
-        value(after, Name.MODEL_INFO, model="fake", precision="fp32", provider=FakeBackend.provider)
-        == 1
-    )
+    assert value(after, Name.MODEL_INFO, model="fake", precision="fp32", provider=FakeBackend.provider) == 1
 
 
 def recorded(server: ServerThread, name: str, /, **labels: str) -> float:

@@ -14,20 +14,23 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from recserve.server.batcher import Batcher, BatcherConfig
+from recserve.catalog.errors import ModelMismatch
+from recserve.catalog.store import Catalog
 from recserve.server.engine import Engine, Limits
+from recserve.server.kserve import SERVICE as KSERVE_SERVICE
+from recserve.server.kserve import KServeService
 from recserve.server.metrics import Metrics, MetricsServer, serve_metrics
 from recserve.server.model import Model
-from recserve.server.registry import SERVICE_NAME, ServedModel, ServedModels
+from recserve.server.recommend import CatalogSearcher, Recommender
+from recserve.server.reflection import enable_reflection
+from recserve.server.registry import SERVICE_NAME, ServedModel, ServedModels, compose
 from recserve.server.security import Security
 from recserve.server.service import InferenceService, add_to_server, build_info, list_models
 from recserve.server.settings import ServerSettings
@@ -36,8 +39,8 @@ from recserve.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# Health is reported for the whole server ("") and for the inference service by name.
-_HEALTH_SERVICES = ("", SERVICE_NAME)
+# Health is reported for the whole server ("") and for each inference service (recserve.v1, KServe v2).
+_HEALTH_SERVICES = ("", SERVICE_NAME, KSERVE_SERVICE.full_name)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class RunningServer:
     metrics: Metrics
     health: health.aio.HealthServicer
     grpc_server: grpc.aio.Server
+    recommender: Recommender
     metrics_server: MetricsServer | None = None
     security: Security | None = None
 
@@ -152,11 +156,13 @@ async def running_server(
     models: Model | Sequence[tuple[str, Model]],
     registry: CollectorRegistry | None = None,
     *,
+    catalogs: Sequence[tuple[str, Catalog]] = (),
     before_ready: Callable[[RunningServer], Awaitable[None]] | None = None,
 ) -> AsyncIterator[RunningServer]:
     """Binds, warms the models up and yields a SERVING server; drains on exit.
 
-    `models` is one model or (name, model) pairs, the default first unless the settings name another.
+    `models` is one model or (name, model) pairs, the default first unless the settings name another;
+    `catalogs` are the opened item catalogs Recommend searches (each checked by `check_catalogs`).
     Health answers NOT_SERVING from the moment the port is bound until warm-up (and `before_ready`, a hook
     for tests) is done, and again from the start of the drain.
     """
@@ -188,40 +194,33 @@ async def running_server(
         model_metrics.set_info(
             manifest.task, manifest.source.weights_sha256, backend.precision, backend.provider
         )
-        model_executor = ThreadPoolExecutor(backend.concurrent_batches, thread_name_prefix=f"model-{name}")
-        batcher = Batcher(
-            backend.run,
-            BatcherConfig.from_settings(settings, backend.concurrent_batches),
-            model_executor,
-            observer=model_metrics,
-            on_fatal=functools.partial(on_fatal, name),
-        )
-        tokenize_executor = ThreadPoolExecutor(
-            settings.tokenizer_threads, thread_name_prefix=f"tokenize-{name}"
-        )
-        engine = Engine(
-            manifest,
-            model.tokenizer,
-            tokenize_executor,
-            batcher,
+        served = compose(
+            name,
+            model,
+            settings,
             Limits(settings.max_texts_per_call, settings.max_text_bytes),
+            model_metrics,
+            functools.partial(on_fatal, name),
         )
-        model_metrics.watch(
-            backlog_seconds=lambda b=batcher: b.stats.backlog_seconds,  # type: ignore[misc]
-            in_flight=lambda e=engine: e.in_flight,  # type: ignore[misc]
-        )
-        served = ServedModel(name, model, engine, model_metrics, tokenize_executor, model_executor)
         served.info = build_info(
             name, manifest, backend.precision, backend.provider, limits, backend.verified_sha256
         )
         served_list.append(served)
     served_models = ServedModels(served_list, settings.default_model)
     list_models(served_models)
-    servicer = InferenceService(served_models, metrics)
+    searchers = [CatalogSearcher(name, catalog) for name, catalog in catalogs]
+    recommender = Recommender(served_models, searchers)
+    servicer = InferenceService(served_models, metrics, recommender)
     add_to_server(servicer, grpc_server)
+    # The KServe v2 front door: the same models and engines, through the same call handling.
+    add_to_server(KServeService(servicer, settings), grpc_server, KSERVE_SERVICE)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+    enable_reflection(
+        (
+            pb.DESCRIPTOR.services_by_name["Inference"],
+            KSERVE_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+        ),
         grpc_server,
     )
     await _set_health(health_servicer, served_models, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -249,6 +248,7 @@ async def running_server(
         metrics,
         health_servicer,
         grpc_server,
+        recommender,
         metrics_server,
         security,
     )
@@ -298,8 +298,9 @@ async def running_server(
             await _wait_idle(engines, 1.0)
         await grpc_server.stop(0 if not drained else 1.0)
         for served in served_models:
-            served.tokenize_executor.shutdown(wait=True, cancel_futures=True)
-            served.model_executor.shutdown(wait=True, cancel_futures=True)
+            served.shutdown()
+        for searcher in searchers:
+            searcher.close()
         if metrics_server is not None:
             await metrics_server.close()
         log.info("stopped")
@@ -344,12 +345,37 @@ async def serve(settings: ServerSettings) -> int:
             },
         )
         models.append((name, model))
-    async with running_server(settings, models) as running:
+    catalogs = []
+    for name, directory in settings.catalogs():
+        catalog = await loop.run_in_executor(None, Catalog.open, directory)
+        check_catalog(catalog, [model for _, model in models])
+        log.info(
+            "catalog loaded",
+            extra={
+                "catalog": name,
+                "items": len(catalog),
+                "dimension": catalog.dimension,
+                "model": catalog.model_name,
+            },
+        )
+        catalogs.append((name, catalog))
+    async with running_server(settings, models, catalogs=catalogs) as running:
         assert running.security is not None
         loop.add_signal_handler(signal.SIGHUP, running.security.reload)
         await stop.wait()
         log.info("signal received, shutting down")
     return 0
+
+
+def check_catalog(catalog: Catalog, models: Sequence[Model]) -> None:
+    """A catalog must have been built by one of the served embedding models (ModelMismatch, one line,
+    naming both hashes, otherwise): another model's vectors live in another space."""
+    embedders = [m for m in models if m.manifest.task == "embedding"]
+    if any(m.manifest.source.weights_sha256 == catalog.weights_sha256 for m in embedders):
+        return
+    if not embedders:
+        raise ModelMismatch(f"catalog {catalog.path} needs an embedding model; none is served")
+    catalog.check_model(embedders[0].manifest.source.weights_sha256)
 
 
 def resident_mib() -> int | None:

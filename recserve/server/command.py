@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
+    from recserve.catalog.errors import CatalogError
     from recserve.manifest import ManifestError
     from recserve.server.logs import configure_logging
     from recserve.server.security import SecurityError
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(serve(settings))
-    except (ManifestError, RuntimeSelectionError, SecurityError, OSError) as exc:
+    except (ManifestError, CatalogError, RuntimeSelectionError, SecurityError, OSError) as exc:
         print(f"recserve serve: {exc}", file=sys.stderr)
         return 2
 

@@ -183,13 +183,23 @@ class Engine:
         similarity: Similarity,
         strict: bool,
         deadline: float | None,
+        candidate_vectors: FloatArray | None = None,
     ) -> ScoreResult:
+        """`candidate_vectors` ([n, dimension], e.g. a catalog's stored vectors) are scored after the
+        candidate texts, with no model run for them; embedding models only."""
         with self._call():
             self._check_task("Score", "embedding", "cross-encoder")
-            self._check_texts("candidates", candidates)
+            if candidate_vectors is None or candidates:
+                self._check_texts("candidates", candidates)
             if self.manifest.task == "cross-encoder":
+                if candidate_vectors is not None:
+                    raise InvalidArgument(
+                        "candidate_ids need an embedding model; a cross-encoder scores texts: send candidates"
+                    )
                 return await self._score_pairs(query, candidates, strict, deadline)
-            return await self._score_vectors(query, candidates, similarity, strict, deadline)
+            return await self._score_vectors(
+                query, candidates, similarity, strict, deadline, candidate_vectors
+            )
 
     async def _score_vectors(
         self,
@@ -198,9 +208,11 @@ class Engine:
         similarity: Similarity,
         strict: bool,
         deadline: float | None,
+        candidate_vectors: FloatArray | None = None,
     ) -> ScoreResult:
         if isinstance(query, UserHistory):
-            head_name, head, weights = "user_history.texts", list(query.texts), self._weights(query)
+            weights = history_weights(query.weights, len(query.texts))
+            head_name, head = "user_history.texts", list(query.texts)
         else:
             head_name, head, weights = "query_text", [query], np.ones(1, dtype=np.float64)
         self._check_texts(head_name, head)
@@ -213,6 +225,13 @@ class Engine:
             truncated = self._truncated("candidates", items[len(head) :], strict)
             rows = await self._run(timings, items, deadline, room)
         head_rows, candidate_rows = rows[: len(head)], rows[len(head) :]
+        if candidate_vectors is not None:
+            if candidate_vectors.shape[1] != rows.shape[1]:
+                raise InvalidArgument(
+                    f"the catalog's vectors have {candidate_vectors.shape[1]} dimensions and this model's "
+                    f"{rows.shape[1]}: use the model that built the catalog"
+                )
+            candidate_rows = np.concatenate([candidate_rows, candidate_vectors.astype(rows.dtype)])
         history = isinstance(query, UserHistory)
         query_vector = user_vector(weights, head_rows) if history else head_rows[0]
         if similarity == "cosine":
@@ -296,24 +315,6 @@ class Engine:
                         f"{name}[{index}] is {size} bytes; the limit is {self.limits.max_text_bytes} "
                         "(Info.limits.max_text_bytes)"
                     )
-
-    def _weights(self, history: UserHistory) -> npt.NDArray[np.float64]:
-        if not history.weights:
-            return np.ones(len(history.texts), dtype=np.float64)
-        if len(history.weights) != len(history.texts):
-            raise InvalidArgument(
-                f"user_history has {len(history.texts)} texts but {len(history.weights)} weights: "
-                "send one weight per text, or none"
-            )
-        for index, weight in enumerate(history.weights):
-            if not math.isfinite(weight) or weight < 0:
-                raise InvalidArgument(
-                    f"user_history.weights[{index}] is {weight}: weights must be finite and >= 0"
-                )
-        weights = np.asarray(history.weights, dtype=np.float64)
-        if not weights.any():
-            raise InvalidArgument("user_history.weights are all zero: at least one must be positive")
-        return weights
 
     def _truncated(self, name: str, items: Sequence[Encoded], strict: bool) -> list[int]:
         cut = [index for index, item in enumerate(items) if item.truncated]
@@ -401,3 +402,23 @@ def probabilities_of(logits: FloatArray, multi_label: bool) -> FloatArray:
         result = exp / exp.sum(axis=1, keepdims=True)
     out: FloatArray = result.astype(np.float32)
     return out
+
+
+def history_weights(weights: Sequence[float], count: int) -> npt.NDArray[np.float64]:
+    """A user history's weights, checked: one finite, non-negative weight per item, not all zero; all 1
+    when none are given."""
+    if not weights:
+        return np.ones(count, dtype=np.float64)
+    if len(weights) != count:
+        raise InvalidArgument(
+            f"user_history has {count} items but {len(weights)} weights: send one weight per item, or none"
+        )
+    for index, weight in enumerate(weights):
+        if not math.isfinite(weight) or weight < 0:
+            raise InvalidArgument(
+                f"user_history.weights[{index}] is {weight}: weights must be finite and >= 0"
+            )
+    checked = np.asarray(weights, dtype=np.float64)
+    if not checked.any():
+        raise InvalidArgument("user_history.weights are all zero: at least one must be positive")
+    return checked

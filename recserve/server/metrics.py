@@ -30,6 +30,7 @@ class Name:
     FAILURES: Final = f"{PREFIX}_failures"
     DROPPED_TEXTS: Final = f"{PREFIX}_dropped_texts"
     REQUEST_SECONDS: Final = f"{PREFIX}_request_duration_seconds"
+    FAILED_SECONDS: Final = f"{PREFIX}_failed_request_seconds"
     TOKENIZE_SECONDS: Final = f"{PREFIX}_tokenize_seconds"
     QUEUE_WAIT_SECONDS: Final = f"{PREFIX}_queue_wait_seconds"
     INFERENCE_SECONDS: Final = f"{PREFIX}_inference_seconds"
@@ -86,6 +87,14 @@ class Metrics:
             registry=r,
         )
         self.request_seconds = histogram(Name.REQUEST_SECONDS, "Whole call", DURATION_BUCKETS, ("rpc",))
+        # So that a success's time is known apart from a failure's (KServe's ModelStatistics reports both)
+        # without a second histogram, or a status label on the first.
+        self.failed_seconds = Counter(
+            Name.FAILED_SECONDS,
+            "Seconds spent in calls that failed (their part of request_duration_seconds)",
+            (MODEL, "rpc"),
+            registry=r,
+        )
         self.tokenize_seconds = histogram(Name.TOKENIZE_SECONDS, "Tokenisation of one call", DURATION_BUCKETS)
         self.queue_wait_seconds = histogram(
             Name.QUEUE_WAIT_SECONDS, "From enqueue to the call's first batch starting", DURATION_BUCKETS
@@ -131,6 +140,8 @@ class Metrics:
             self.request_seconds.labels(model, rpc).observe(seconds)
         if reason is not None:
             self.failures.labels(model, reason).inc()
+            if seconds is not None:
+                self.failed_seconds.labels(model, rpc).inc(seconds)
 
 
 class ModelMetrics:

@@ -7,15 +7,16 @@ batches share the cores as the OS schedules threads (docs/serving.md#several-mod
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from recserve.server.batcher import Batcher
-from recserve.server.engine import Engine
+from recserve.server.batcher import Batcher, BatcherConfig
+from recserve.server.engine import Engine, Limits
 from recserve.server.errors import NotFound
 from recserve.server.metrics import ModelMetrics
 from recserve.server.model import Model
+from recserve.server.settings import ServerSettings
 from recserve.v1 import inference_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -44,6 +45,37 @@ class ServedModel:
     @property
     def health_name(self) -> str:
         return health_name(self.name)
+
+    def shutdown(self) -> None:
+        """Ends its threads (after the batcher has stopped)."""
+        self.tokenize_executor.shutdown(wait=True, cancel_futures=True)
+        self.model_executor.shutdown(wait=True, cancel_futures=True)
+
+
+def compose(
+    name: str,
+    model: Model,
+    settings: ServerSettings,
+    limits: Limits,
+    metrics: ModelMetrics,
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> ServedModel:
+    """One model's serving parts, wired (not started): its tokenizer and model threads, its batcher
+    (reporting into `metrics`) and the engine over them. The server and `recserve index` both serve a
+    model through this."""
+    backend = model.backend
+    tokenize_executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix=f"tokenize-{name}")
+    model_executor = ThreadPoolExecutor(backend.concurrent_batches, thread_name_prefix=f"model-{name}")
+    batcher = Batcher(
+        backend.run,
+        BatcherConfig.from_settings(settings, backend.concurrent_batches),
+        model_executor,
+        observer=metrics,
+        on_fatal=on_fatal,
+    )
+    engine = Engine(model.manifest, model.tokenizer, tokenize_executor, batcher, limits)
+    metrics.watch(backlog_seconds=lambda: batcher.stats.backlog_seconds, in_flight=lambda: engine.in_flight)
+    return ServedModel(name, model, engine, metrics, tokenize_executor, model_executor)
 
 
 class ServedModels:

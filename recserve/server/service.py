@@ -10,19 +10,22 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 import numpy as np
 from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
 from recserve import __version__
+from recserve.catalog.search import Filter
 from recserve.manifest import Manifest
 from recserve.server import errors
 from recserve.server.engine import Similarity, Timings, UserHistory
 from recserve.server.metrics import Metrics
-from recserve.server.registry import SERVICE_NAME, ServedModel, ServedModels
+from recserve.server.recommend import HistoryQuery, Query, Recommender
+from recserve.server.registry import ServedModel, ServedModels
 from recserve.v1 import inference_pb2 as pb
 from recserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -116,11 +119,29 @@ def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | Malform
     return deserialize
 
 
-def add_to_server(servicer: InferenceService, server: grpc.aio.Server) -> None:
-    """Registers `servicer` as the generated add_InferenceServicer_to_server does, from the service's
-    descriptor, except that a request that does not parse reaches `_handle` as Malformed."""
+class Servicer(Protocol):
+    """What `add_to_server` registers: a method per RPC, and `_handle`, which every front door takes from
+    InferenceService (recserve.v1 and KServe v2 share its status mapping, request ids and metrics)."""
+
+    def _handle(
+        self,
+        rpc: str,
+        context: grpc.aio.ServicerContext[object, object],
+        model: str | None,
+        call: Call[Reply],
+    ) -> Awaitable[Reply]: ...
+
+
+def add_to_server(
+    servicer: Servicer,
+    server: grpc.aio.Server,
+    service: ServiceDescriptor = pb.DESCRIPTOR.services_by_name["Inference"],
+) -> None:
+    """Registers `servicer` for `service` (recserve.v1 unless told) as a generated add_*_to_server does,
+    from the service's descriptor, except that a request that does not parse reaches `_handle` as
+    Malformed."""
     handlers = {}
-    for method in pb.DESCRIPTOR.services_by_name["Inference"].methods:
+    for method in service.methods:
         if method.client_streaming or method.server_streaming:
             raise TypeError(f"{method.full_name} streams: register it with its own handler kind")
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
@@ -128,12 +149,12 @@ def add_to_server(servicer: InferenceService, server: grpc.aio.Server) -> None:
             request_deserializer=_lenient(message_factory.GetMessageClass(method.input_type)),
             response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
         )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _guarded(
-    servicer: InferenceService, rpc: str
+    servicer: Servicer, rpc: str
 ) -> Callable[[Any, grpc.aio.ServicerContext[object, object]], Awaitable[Any]]:
     method = getattr(servicer, rpc)
 
@@ -148,10 +169,14 @@ def _guarded(
 Call = Callable[[ServedModel, float | None], Awaitable[tuple[Reply, Timings, int]]]
 
 
+_STAGES = {"retrieval": pb.STAGE_RETRIEVAL, "rerank": pb.STAGE_RERANK}
+
+
 class InferenceService(pb_grpc.InferenceServicer):
-    def __init__(self, models: ServedModels, metrics: Metrics) -> None:
+    def __init__(self, models: ServedModels, metrics: Metrics, recommender: Recommender) -> None:
         self.models = models
         self.metrics = metrics
+        self.recommender = recommender
 
     async def _handle(
         self,
@@ -190,7 +215,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             failure = exc
         else:
             served.metrics.texts(rpc, texts)
-            served.metrics.tokenize_seconds.observe(timings.tokenize_s)
+            if texts:  # a call that ran no texts (Info, metadata) tokenised nothing
+                served.metrics.tokenize_seconds.observe(timings.tokenize_s)
             context.set_trailing_metadata(
                 (
                     ("x-request-id", request_id),
@@ -280,7 +306,16 @@ class InferenceService(pb_grpc.InferenceServicer):
                 query = UserHistory(request.user_history.texts, request.user_history.weights)
             else:
                 raise errors.InvalidArgument("set the query: query_text or user_history")
-            result = await served.engine.score(query, request.candidates, similarity, strict, deadline)
+            stored = None
+            if request.candidate_ids:
+                searcher = self.recommender.catalog(request.catalog)
+                self.recommender.check_built_by(searcher, served)
+                stored = self.recommender.stored_vectors(
+                    searcher.catalog, request.candidate_ids, "candidate_ids"
+                )
+            result = await served.engine.score(
+                query, request.candidates, similarity, strict, deadline, candidate_vectors=stored
+            )
             response = pb.ScoreResponse(scores=result.scores.tolist(), truncated=result.truncated)
             return response, result.timings, result.model_texts
 
@@ -308,6 +343,63 @@ class InferenceService(pb_grpc.InferenceServicer):
             return response, result.timings, len(request.texts)
 
         return await self._handle("Classify", context, request.model, call)
+
+    async def Recommend(
+        self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.RecommendResponse:
+        async def call(
+            served: ServedModel, deadline: float | None
+        ) -> tuple[pb.RecommendResponse, Timings, int]:
+            strict = _strict(request.truncation)
+            query: Query
+            which = request.WhichOneof("query")
+            if which == "query_text":
+                query = request.query_text
+            elif which == "user_history":
+                history = request.user_history
+                query = HistoryQuery(history.texts, history.item_ids, history.weights)
+            elif which == "query_vector":
+                query = np.asarray(request.query_vector.values, dtype=np.float32)
+            else:
+                raise errors.InvalidArgument("set the query: query_text, user_history or query_vector")
+            filters = [
+                Filter(
+                    f.attribute,
+                    tuple(f.values),
+                    f.min if f.HasField("min") else None,
+                    f.max if f.HasField("max") else None,
+                )
+                for f in request.filters
+            ]
+            result = await self.recommender.recommend(
+                request.model,
+                request.catalog,
+                query,
+                request.k,
+                request.exclude_ids,
+                filters,
+                request.approximate,
+                request.rerank_model,
+                request.rerank_k,
+                strict,
+                deadline,
+            )
+            response = pb.RecommendResponse(
+                catalog=request.catalog or self.recommender.names[0],
+                retrieve_ms=result.retrieve_s * 1e3,
+                rerank_ms=result.rerank_s * 1e3,
+            )
+            for item_id, score, stage, retrieval in zip(
+                result.ids,
+                result.scores.tolist(),
+                result.stages,
+                result.retrieval_scores.tolist(),
+                strict=True,
+            ):
+                response.items.add(id=item_id, score=score, stage=_STAGES[stage], retrieval_score=retrieval)
+            return response, Timings(), result.model_texts
+
+        return await self._handle("Recommend", context, request.model, call)
 
     async def Info(
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext[object, object]

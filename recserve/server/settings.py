@@ -32,6 +32,11 @@ class ServerSettings(BaseSettings):
         description="NAME=DIR (or DIR, named after its directory): a model repository to serve; repeat the"
         " flag for several models, each with its own tokenizers and batcher",
     )
+    catalog: list[str] = Field(
+        default_factory=list,
+        description="NAME=DIR (or DIR): an item catalog written by `recserve index` for Recommend and"
+        " Score by id, memory-mapped; repeatable. It must have been built by one of the served models",
+    )
     default_model: str | None = Field(
         None, description="the model a call that names none gets; unset = the first model"
     )
@@ -137,6 +142,9 @@ class ServerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _models_are_named_once(self) -> ServerSettings:
+        catalogs = [name for name, _ in self.catalogs()]
+        if len(set(catalogs)) != len(catalogs):
+            raise ValueError("a catalog name is given twice; name them apart (NAME=DIR)")
         names = [name for name, _ in self.served_models()]
         if not names:
             raise ValueError("name a model repository: --model-repo DIR or --model NAME=DIR")
@@ -150,15 +158,11 @@ class ServerSettings(BaseSettings):
     def served_models(self) -> list[tuple[str, Path]]:
         """(name, repository) of every model to serve, in the order given: --model-repo first."""
         given = [] if self.model_repo is None else [(self.model_repo.name, self.model_repo)]
-        for entry in self.model:
-            name, sep, where = entry.partition("=")
-            if not sep:
-                where = name
-                name = Path(where).name
-            if not name or not where:
-                raise ValueError(f"--model {entry!r}: use NAME=DIR or DIR")
-            given.append((name, Path(where)))
-        return given
+        return given + [_named_path("--model", entry) for entry in self.model]
+
+    def catalogs(self) -> list[tuple[str, Path]]:
+        """(name, directory) of every catalog to load, in the order given."""
+        return [_named_path("--catalog", entry) for entry in self.catalog]
 
     @model_validator(mode="after")
     def _security_is_whole(self) -> ServerSettings:
@@ -171,3 +175,13 @@ class ServerSettings(BaseSettings):
         if self.auth_token is not None and not self.auth_token.get_secret_value().strip():
             raise ValueError("RECSERVE_AUTH_TOKEN is empty")
         return self
+
+
+def _named_path(flag: str, entry: str) -> tuple[str, Path]:
+    """NAME=DIR, or DIR named after its last part."""
+    name, sep, where = entry.partition("=")
+    if not sep:
+        name, where = Path(entry).name, entry
+    if not name or not where:
+        raise ValueError(f"{flag} {entry!r}: use NAME=DIR or DIR")
+    return name, Path(where)

@@ -24,19 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brecserve/v1/inference.proto\x12\x0brecserve.v1\"\xae\x01\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12-\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x1b.recserve.v1.VectorEncoding\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12+\n\ntruncation\x18\x04 \x01(\x0e\x32\x17.recserve.v1.Truncation\x12\r\n\x05model\x18\x05 \x01(\tB\x0c\n\n_normalize\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xb0\x01\n\rEmbedResponse\x12\x11\n\tdimension\x18\x01 \x01(\r\x12-\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x1b.recserve.v1.VectorEncoding\x12$\n\x07vectors\x18\x03 \x03(\x0b\x32\x13.recserve.v1.Vector\x12\x0e\n\x06packed\x18\x04 \x01(\x0c\x12\x11\n\ttruncated\x18\x05 \x03(\r\x12\x14\n\x0ctoken_counts\x18\x06 \x03(\r\"-\n\x0bUserHistory\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x02\"\xdc\x01\n\x0cScoreRequest\x12\x14\n\nquery_text\x18\x01 \x01(\tH\x00\x12\x30\n\x0cuser_history\x18\x02 \x01(\x0b\x32\x18.recserve.v1.UserHistoryH\x00\x12\x12\n\ncandidates\x18\x03 \x03(\t\x12+\n\nsimilarity\x18\x04 \x01(\x0e\x32\x17.recserve.v1.Similarity\x12+\n\ntruncation\x18\x05 \x01(\x0e\x32\x17.recserve.v1.Truncation\x12\r\n\x05model\x18\x06 \x01(\tB\x07\n\x05query\"2\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x11\n\ttruncated\x18\x02 \x03(\r\"\x1c\n\x0bInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xa2\x01\n\x06Limits\x12\x1a\n\x12max_texts_per_call\x18\x01 \x01(\r\x12\x16\n\x0emax_text_bytes\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x04 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\x17\n\x0fmax_queue_texts\x18\x06 \x01(\r\"\xfc\x02\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x11\n\tdimension\x18\x04 \x01(\r\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\x0f\n\x07pooling\x18\x08 \x01(\t\x12\x11\n\tnormalize\x18\t \x01(\x08\x12#\n\x06limits\x18\n \x01(\x0b\x32\x13.recserve.v1.Limits\x12\x16\n\x0eserver_version\x18\x0b \x01(\t\x12\x16\n\x0evariant_sha256\x18\x0c \x01(\t\x12\x10\n\x08verified\x18\r \x01(\x08\x12\x0c\n\x04name\x18\x0e \x01(\t\x12(\n\x06models\x18\x0f \x03(\x0b\x32\x18.recserve.v1.ServedModel\x12\x0e\n\x06labels\x18\x10 \x03(\t\x12\x13\n\x0bmulti_label\x18\x11 \x01(\x08\"`\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x05 \x01(\x08\"k\n\x0f\x43lassifyRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12+\n\ntruncation\x18\x03 \x01(\x0e\x32\x17.recserve.v1.Truncation\x12\r\n\x05model\x18\x04 \x01(\t\"?\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\r\"9\n\x0e\x43lassification\x12\'\n\x06labels\x18\x01 \x03(\x0b\x32\x17.recserve.v1.LabelScore\"S\n\x10\x43lassifyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.recserve.v1.Classification\x12\x11\n\ttruncated\x18\x02 \x03(\r*\x8c\x01\n\x0eVectorEncoding\x12\x1f\n\x1bVECTOR_ENCODING_UNSPECIFIED\x10\x00\x12\x19\n\x15VECTOR_ENCODING_FLOAT\x10\x01\x12\x1e\n\x1aVECTOR_ENCODING_PACKED_F32\x10\x02\x12\x1e\n\x1aVECTOR_ENCODING_PACKED_F16\x10\x03*X\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x17\n\x13TRUNCATION_TRUNCATE\x10\x01\x12\x15\n\x11TRUNCATION_STRICT\x10\x02*S\n\nSimilarity\x12\x1a\n\x16SIMILARITY_UNSPECIFIED\x10\x00\x12\x15\n\x11SIMILARITY_COSINE\x10\x01\x12\x12\n\x0eSIMILARITY_DOT\x10\x02\x32\x91\x02\n\tInference\x12>\n\x05\x45mbed\x12\x19.recserve.v1.EmbedRequest\x1a\x1a.recserve.v1.EmbedResponse\x12>\n\x05Score\x12\x19.recserve.v1.ScoreRequest\x1a\x1a.recserve.v1.ScoreResponse\x12;\n\x04Info\x12\x18.recserve.v1.InfoRequest\x1a\x19.recserve.v1.InfoResponse\x12G\n\x08\x43lassify\x12\x1c.recserve.v1.ClassifyRequest\x1a\x1d.recserve.v1.ClassifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brecserve/v1/inference.proto\x12\x0brecserve.v1\"\xae\x01\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12-\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x1b.recserve.v1.VectorEncoding\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12+\n\ntruncation\x18\x04 \x01(\x0e\x32\x17.recserve.v1.Truncation\x12\r\n\x05model\x18\x05 \x01(\tB\x0c\n\n_normalize\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xb0\x01\n\rEmbedResponse\x12\x11\n\tdimension\x18\x01 \x01(\r\x12-\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x1b.recserve.v1.VectorEncoding\x12$\n\x07vectors\x18\x03 \x03(\x0b\x32\x13.recserve.v1.Vector\x12\x0e\n\x06packed\x18\x04 \x01(\x0c\x12\x11\n\ttruncated\x18\x05 \x03(\r\x12\x14\n\x0ctoken_counts\x18\x06 \x03(\r\"-\n\x0bUserHistory\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x02\"\x84\x02\n\x0cScoreRequest\x12\x14\n\nquery_text\x18\x01 \x01(\tH\x00\x12\x30\n\x0cuser_history\x18\x02 \x01(\x0b\x32\x18.recserve.v1.UserHistoryH\x00\x12\x12\n\ncandidates\x18\x03 \x03(\t\x12+\n\nsimilarity\x18\x04 \x01(\x0e\x32\x17.recserve.v1.Similarity\x12+\n\ntruncation\x18\x05 \x01(\x0e\x32\x17.recserve.v1.Truncation\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rcandidate_ids\x18\x07 \x03(\t\x12\x0f\n\x07\x63\x61talog\x18\x08 \x01(\tB\x07\n\x05query\"2\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x11\n\ttruncated\x18\x02 \x03(\r\"\x1c\n\x0bInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xa2\x01\n\x06Limits\x12\x1a\n\x12max_texts_per_call\x18\x01 \x01(\r\x12\x16\n\x0emax_text_bytes\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x04 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\x17\n\x0fmax_queue_texts\x18\x06 \x01(\r\"\xfc\x02\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x11\n\tdimension\x18\x04 \x01(\r\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\x0f\n\x07pooling\x18\x08 \x01(\t\x12\x11\n\tnormalize\x18\t \x01(\x08\x12#\n\x06limits\x18\n \x01(\x0b\x32\x13.recserve.v1.Limits\x12\x16\n\x0eserver_version\x18\x0b \x01(\t\x12\x16\n\x0evariant_sha256\x18\x0c \x01(\t\x12\x10\n\x08verified\x18\r \x01(\x08\x12\x0c\n\x04name\x18\x0e \x01(\t\x12(\n\x06models\x18\x0f \x03(\x0b\x32\x18.recserve.v1.ServedModel\x12\x0e\n\x06labels\x18\x10 \x03(\t\x12\x13\n\x0bmulti_label\x18\x11 \x01(\x08\"`\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x05 \x01(\x08\"k\n\x0f\x43lassifyRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12+\n\ntruncation\x18\x03 \x01(\x0e\x32\x17.recserve.v1.Truncation\x12\r\n\x05model\x18\x04 \x01(\t\"?\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\r\"9\n\x0e\x43lassification\x12\'\n\x06labels\x18\x01 \x03(\x0b\x32\x17.recserve.v1.LabelScore\"S\n\x10\x43lassifyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.recserve.v1.Classification\x12\x11\n\ttruncated\x18\x02 \x03(\r\"D\n\x10RecommendHistory\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\t\x12\x0f\n\x07weights\x18\x03 \x03(\x02\"\x1d\n\x0bQueryVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"h\n\x0f\x41ttributeFilter\x12\x11\n\tattribute\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\x12\x10\n\x03min\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_max\"\xf3\x02\n\x10RecommendRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61talog\x18\x02 \x01(\t\x12\x14\n\nquery_text\x18\x03 \x01(\tH\x00\x12\x35\n\x0cuser_history\x18\x04 \x01(\x0b\x32\x1d.recserve.v1.RecommendHistoryH\x00\x12\x30\n\x0cquery_vector\x18\x05 \x01(\x0b\x32\x18.recserve.v1.QueryVectorH\x00\x12\t\n\x01k\x18\x06 \x01(\r\x12\x13\n\x0b\x65xclude_ids\x18\x07 \x03(\t\x12-\n\x07\x66ilters\x18\x08 \x03(\x0b\x32\x1c.recserve.v1.AttributeFilter\x12\x13\n\x0b\x61pproximate\x18\t \x01(\x08\x12\x14\n\x0crerank_model\x18\n \x01(\t\x12\x10\n\x08rerank_k\x18\x0b \x01(\r\x12+\n\ntruncation\x18\x0c \x01(\x0e\x32\x17.recserve.v1.TruncationB\x07\n\x05query\"g\n\x0eRecommendation\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12!\n\x05stage\x18\x03 \x01(\x0e\x32\x12.recserve.v1.Stage\x12\x17\n\x0fretrieval_score\x18\x04 \x01(\x02\"x\n\x11RecommendResponse\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.recserve.v1.Recommendation\x12\x0f\n\x07\x63\x61talog\x18\x02 \x01(\t\x12\x13\n\x0bretrieve_ms\x18\x03 \x01(\x02\x12\x11\n\trerank_ms\x18\x04 \x01(\x02*\x8c\x01\n\x0eVectorEncoding\x12\x1f\n\x1bVECTOR_ENCODING_UNSPECIFIED\x10\x00\x12\x19\n\x15VECTOR_ENCODING_FLOAT\x10\x01\x12\x1e\n\x1aVECTOR_ENCODING_PACKED_F32\x10\x02\x12\x1e\n\x1aVECTOR_ENCODING_PACKED_F16\x10\x03*X\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x17\n\x13TRUNCATION_TRUNCATE\x10\x01\x12\x15\n\x11TRUNCATION_STRICT\x10\x02*S\n\nSimilarity\x12\x1a\n\x16SIMILARITY_UNSPECIFIED\x10\x00\x12\x15\n\x11SIMILARITY_COSINE\x10\x01\x12\x12\n\x0eSIMILARITY_DOT\x10\x02*E\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTAGE_RETRIEVAL\x10\x01\x12\x10\n\x0cSTAGE_RERANK\x10\x02\x32\xdd\x02\n\tInference\x12>\n\x05\x45mbed\x12\x19.recserve.v1.EmbedRequest\x1a\x1a.recserve.v1.EmbedResponse\x12>\n\x05Score\x12\x19.recserve.v1.ScoreRequest\x1a\x1a.recserve.v1.ScoreResponse\x12;\n\x04Info\x12\x18.recserve.v1.InfoRequest\x1a\x19.recserve.v1.InfoResponse\x12G\n\x08\x43lassify\x12\x1c.recserve.v1.ClassifyRequest\x1a\x1d.recserve.v1.ClassifyResponse\x12J\n\tRecommend\x12\x1d.recserve.v1.RecommendRequest\x1a\x1e.recserve.v1.RecommendResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VECTORENCODING']._serialized_start=1743
-  _globals['_VECTORENCODING']._serialized_end=1883
-  _globals['_TRUNCATION']._serialized_start=1885
-  _globals['_TRUNCATION']._serialized_end=1973
-  _globals['_SIMILARITY']._serialized_start=1975
-  _globals['_SIMILARITY']._serialized_end=2058
+  _globals['_VECTORENCODING']._serialized_start=2591
+  _globals['_VECTORENCODING']._serialized_end=2731
+  _globals['_TRUNCATION']._serialized_start=2733
+  _globals['_TRUNCATION']._serialized_end=2821
+  _globals['_SIMILARITY']._serialized_start=2823
+  _globals['_SIMILARITY']._serialized_end=2906
+  _globals['_STAGE']._serialized_start=2908
+  _globals['_STAGE']._serialized_end=2977
   _globals['_EMBEDREQUEST']._serialized_start=45
   _globals['_EMBEDREQUEST']._serialized_end=219
   _globals['_VECTOR']._serialized_start=221
@@ -46,25 +48,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERHISTORY']._serialized_start=426
   _globals['_USERHISTORY']._serialized_end=471
   _globals['_SCOREREQUEST']._serialized_start=474
-  _globals['_SCOREREQUEST']._serialized_end=694
-  _globals['_SCORERESPONSE']._serialized_start=696
-  _globals['_SCORERESPONSE']._serialized_end=746
-  _globals['_INFOREQUEST']._serialized_start=748
-  _globals['_INFOREQUEST']._serialized_end=776
-  _globals['_LIMITS']._serialized_start=779
-  _globals['_LIMITS']._serialized_end=941
-  _globals['_INFORESPONSE']._serialized_start=944
-  _globals['_INFORESPONSE']._serialized_end=1324
-  _globals['_SERVEDMODEL']._serialized_start=1326
-  _globals['_SERVEDMODEL']._serialized_end=1422
-  _globals['_CLASSIFYREQUEST']._serialized_start=1424
-  _globals['_CLASSIFYREQUEST']._serialized_end=1531
-  _globals['_LABELSCORE']._serialized_start=1533
-  _globals['_LABELSCORE']._serialized_end=1596
-  _globals['_CLASSIFICATION']._serialized_start=1598
-  _globals['_CLASSIFICATION']._serialized_end=1655
-  _globals['_CLASSIFYRESPONSE']._serialized_start=1657
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1740
-  _globals['_INFERENCE']._serialized_start=2061
-  _globals['_INFERENCE']._serialized_end=2334
+  _globals['_SCOREREQUEST']._serialized_end=734
+  _globals['_SCORERESPONSE']._serialized_start=736
+  _globals['_SCORERESPONSE']._serialized_end=786
+  _globals['_INFOREQUEST']._serialized_start=788
+  _globals['_INFOREQUEST']._serialized_end=816
+  _globals['_LIMITS']._serialized_start=819
+  _globals['_LIMITS']._serialized_end=981
+  _globals['_INFORESPONSE']._serialized_start=984
+  _globals['_INFORESPONSE']._serialized_end=1364
+  _globals['_SERVEDMODEL']._serialized_start=1366
+  _globals['_SERVEDMODEL']._serialized_end=1462
+  _globals['_CLASSIFYREQUEST']._serialized_start=1464
+  _globals['_CLASSIFYREQUEST']._serialized_end=1571
+  _globals['_LABELSCORE']._serialized_start=1573
+  _globals['_LABELSCORE']._serialized_end=1636
+  _globals['_CLASSIFICATION']._serialized_start=1638
+  _globals['_CLASSIFICATION']._serialized_end=1695
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1697
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1780
+  _globals['_RECOMMENDHISTORY']._serialized_start=1782
+  _globals['_RECOMMENDHISTORY']._serialized_end=1850
+  _globals['_QUERYVECTOR']._serialized_start=1852
+  _globals['_QUERYVECTOR']._serialized_end=1881
+  _globals['_ATTRIBUTEFILTER']._serialized_start=1883
+  _globals['_ATTRIBUTEFILTER']._serialized_end=1987
+  _globals['_RECOMMENDREQUEST']._serialized_start=1990
+  _globals['_RECOMMENDREQUEST']._serialized_end=2361
+  _globals['_RECOMMENDATION']._serialized_start=2363
+  _globals['_RECOMMENDATION']._serialized_end=2466
+  _globals['_RECOMMENDRESPONSE']._serialized_start=2468
+  _globals['_RECOMMENDRESPONSE']._serialized_end=2588
+  _globals['_INFERENCE']._serialized_start=2980
+  _globals['_INFERENCE']._serialized_end=3329
 # @@protoc_insertion_point(module_scope)

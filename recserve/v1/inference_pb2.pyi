@@ -25,6 +25,12 @@ class Similarity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SIMILARITY_UNSPECIFIED: _ClassVar[Similarity]
     SIMILARITY_COSINE: _ClassVar[Similarity]
     SIMILARITY_DOT: _ClassVar[Similarity]
+
+class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STAGE_UNSPECIFIED: _ClassVar[Stage]
+    STAGE_RETRIEVAL: _ClassVar[Stage]
+    STAGE_RERANK: _ClassVar[Stage]
 VECTOR_ENCODING_UNSPECIFIED: VectorEncoding
 VECTOR_ENCODING_FLOAT: VectorEncoding
 VECTOR_ENCODING_PACKED_F32: VectorEncoding
@@ -35,6 +41,9 @@ TRUNCATION_STRICT: Truncation
 SIMILARITY_UNSPECIFIED: Similarity
 SIMILARITY_COSINE: Similarity
 SIMILARITY_DOT: Similarity
+STAGE_UNSPECIFIED: Stage
+STAGE_RETRIEVAL: Stage
+STAGE_RERANK: Stage
 
 class EmbedRequest(_message.Message):
     __slots__ = ("texts", "encoding", "normalize", "truncation", "model")
@@ -81,20 +90,24 @@ class UserHistory(_message.Message):
     def __init__(self, texts: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("query_text", "user_history", "candidates", "similarity", "truncation", "model")
+    __slots__ = ("query_text", "user_history", "candidates", "similarity", "truncation", "model", "candidate_ids", "catalog")
     QUERY_TEXT_FIELD_NUMBER: _ClassVar[int]
     USER_HISTORY_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
     query_text: str
     user_history: UserHistory
     candidates: _containers.RepeatedScalarFieldContainer[str]
     similarity: Similarity
     truncation: Truncation
     model: str
-    def __init__(self, query_text: _Optional[str] = ..., user_history: _Optional[_Union[UserHistory, _Mapping]] = ..., candidates: _Optional[_Iterable[str]] = ..., similarity: _Optional[_Union[Similarity, str]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., model: _Optional[str] = ...) -> None: ...
+    candidate_ids: _containers.RepeatedScalarFieldContainer[str]
+    catalog: str
+    def __init__(self, query_text: _Optional[str] = ..., user_history: _Optional[_Union[UserHistory, _Mapping]] = ..., candidates: _Optional[_Iterable[str]] = ..., similarity: _Optional[_Union[Similarity, str]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., model: _Optional[str] = ..., candidate_ids: _Optional[_Iterable[str]] = ..., catalog: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("scores", "truncated")
@@ -213,3 +226,83 @@ class ClassifyResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[Classification]
     truncated: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., truncated: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RecommendHistory(_message.Message):
+    __slots__ = ("texts", "item_ids", "weights")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., item_ids: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class QueryVector(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class AttributeFilter(_message.Message):
+    __slots__ = ("attribute", "values", "min", "max")
+    ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    attribute: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    min: float
+    max: float
+    def __init__(self, attribute: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("model", "catalog", "query_text", "user_history", "query_vector", "k", "exclude_ids", "filters", "approximate", "rerank_model", "rerank_k", "truncation")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TEXT_FIELD_NUMBER: _ClassVar[int]
+    USER_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    QUERY_VECTOR_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_IDS_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    APPROXIMATE_FIELD_NUMBER: _ClassVar[int]
+    RERANK_MODEL_FIELD_NUMBER: _ClassVar[int]
+    RERANK_K_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    catalog: str
+    query_text: str
+    user_history: RecommendHistory
+    query_vector: QueryVector
+    k: int
+    exclude_ids: _containers.RepeatedScalarFieldContainer[str]
+    filters: _containers.RepeatedCompositeFieldContainer[AttributeFilter]
+    approximate: bool
+    rerank_model: str
+    rerank_k: int
+    truncation: Truncation
+    def __init__(self, model: _Optional[str] = ..., catalog: _Optional[str] = ..., query_text: _Optional[str] = ..., user_history: _Optional[_Union[RecommendHistory, _Mapping]] = ..., query_vector: _Optional[_Union[QueryVector, _Mapping]] = ..., k: _Optional[int] = ..., exclude_ids: _Optional[_Iterable[str]] = ..., filters: _Optional[_Iterable[_Union[AttributeFilter, _Mapping]]] = ..., approximate: _Optional[bool] = ..., rerank_model: _Optional[str] = ..., rerank_k: _Optional[int] = ..., truncation: _Optional[_Union[Truncation, str]] = ...) -> None: ...
+
+class Recommendation(_message.Message):
+    __slots__ = ("id", "score", "stage", "retrieval_score")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    score: float
+    stage: Stage
+    retrieval_score: float
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., stage: _Optional[_Union[Stage, str]] = ..., retrieval_score: _Optional[float] = ...) -> None: ...
+
+class RecommendResponse(_message.Message):
+    __slots__ = ("items", "catalog", "retrieve_ms", "rerank_ms")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVE_MS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_MS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Recommendation]
+    catalog: str
+    retrieve_ms: float
+    rerank_ms: float
+    def __init__(self, items: _Optional[_Iterable[_Union[Recommendation, _Mapping]]] = ..., catalog: _Optional[str] = ..., retrieve_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ...) -> None: ...

@@ -54,6 +54,11 @@ class InferenceStub:
                 request_serializer=recserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=recserve_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.Recommend = channel.unary_unary(
+                '/recserve.v1.Inference/Recommend',
+                request_serializer=recserve_dot_v1_dot_inference__pb2.RecommendRequest.SerializeToString,
+                response_deserializer=recserve_dot_v1_dot_inference__pb2.RecommendResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -87,6 +92,14 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Recommend(self, request, context):
+        """The top k items of a catalog for a query, a user history or a vector, optionally reranked by a
+        cross-encoder.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=recserve_dot_v1_dot_inference__pb2.ClassifyRequest.FromString,
                     response_serializer=recserve_dot_v1_dot_inference__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Recommend': grpc.unary_unary_rpc_method_handler(
+                    servicer.Recommend,
+                    request_deserializer=recserve_dot_v1_dot_inference__pb2.RecommendRequest.FromString,
+                    response_serializer=recserve_dot_v1_dot_inference__pb2.RecommendResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class Inference:
             '/recserve.v1.Inference/Classify',
             recserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
             recserve_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Recommend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recserve.v1.Inference/Recommend',
+            recserve_dot_v1_dot_inference__pb2.RecommendRequest.SerializeToString,
+            recserve_dot_v1_dot_inference__pb2.RecommendResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from recserve.catalog.store import Catalog
 from recserve.server.app import RunningServer, running_server
 from recserve.server.model import Model
 from recserve.server.settings import ServerSettings
@@ -61,9 +62,11 @@ class ServerThread:
         settings: ServerSettings,
         model: Model | Sequence[tuple[str, Model]] | None = None,
         before_ready: Callable[[RunningServer], Awaitable[None]] | None = None,
+        catalogs: Sequence[tuple[str, Catalog]] = (),
     ) -> None:
         self.settings = settings
         self.model = model
+        self.catalogs = catalogs
         self.registry = CollectorRegistry()
         self._before_ready = before_ready
         self._ready = threading.Event()
@@ -88,7 +91,11 @@ class ServerThread:
                     for name, repo in self.settings.served_models()
                 ]
             async with running_server(
-                self.settings, self.model, self.registry, before_ready=self._before_ready
+                self.settings,
+                self.model,
+                self.registry,
+                catalogs=self.catalogs,
+                before_ready=self._before_ready,
             ) as server:
                 self.server = server
                 self._ready.set()
