@@ -21,7 +21,7 @@ $(BIN)/python:
 # One stamp for everything: the export toolchain is needed on first `make serve` to build the default model.
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q -c constraints.txt "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -c constraints.txt -e ".[cpu,export,dev,bench]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[cpu,export,dev,bench,ann]"
 	touch $@
 
 $(MODEL_REPO)/manifest.json: | $(VENV)/.installed
@@ -45,6 +45,15 @@ bench-soak: $(VENV)/.installed $(MODEL_REPO)/manifest.json
 .PHONY: bench-fleet
 bench-fleet: $(VENV)/.installed $(MODEL_REPO)/manifest.json
 	$(BIN)/recserve bench fleet --model-repo $(MODEL_REPO) --out benchmarks/fleet
+
+# Issue 14's GPU check (fp16 parity, batch invariance, IO binding, raw and served fp16 throughput) ->
+# benchmarks/gpu/. NOTE: this venv holds the CPU onnxruntime; run it with a Python that has recserve and
+# onnxruntime-gpu (the gpu extra, or the gpu image): `make gpu-check GPU_PYTHON=/opt/recserve/bin/python`.
+# Without a CUDA provider or a GPU it refuses in one line (exit 2).
+GPU_PYTHON ?= $(BIN)/python
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_PYTHON) -m recserve.cli bench gpu-check --model-repo $(MODEL_REPO) --out benchmarks/gpu
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check recserve tests

@@ -473,6 +473,12 @@ class _Base:
         # Sent with every call (the bearer token), health checks included.
         self._metadata = transport.metadata
 
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """What every call of this client sends (the bearer token), for callers that build their own calls
+        on its channel (the benchmark harness)."""
+        return self._metadata
+
     def _budget(self, info: ServerInfo) -> int:
         limit = min(info.limits.max_message_bytes or self.max_message_bytes, self.max_message_bytes)
         return max(1, limit - _MESSAGE_SLACK)

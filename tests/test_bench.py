@@ -24,6 +24,7 @@ import pytest
 
 from recserve.benchmarks import command, report, summary
 from recserve.benchmarks.loadgen import StepPlan, gaps, run_step
+from recserve.benchmarks.protocols import as_target
 from recserve.benchmarks.recorder import CODE_NAMES, OK, Recorder, Windows
 from recserve.benchmarks.results import Series, StepResult, to_json
 from recserve.benchmarks.scrape import parse, server_view
@@ -76,6 +77,7 @@ STEP_KEYS = {
     *("window_s", "sent", "completed", "failed", "errors", "calls_per_s", "texts_per_s", "tokens_per_s"),
     *("latency_ms", "label", "mode", "concurrency", "rate", "arrival", "windows", "windows_used"),
     *("boundaries", "warmup", "stable", "bounded_by_calls", "stragglers_cancelled", "plan", "consistency"),
+    "latency_distribution",  # the distribution plot's percentiles, of every step with an OK call
 }
 
 
@@ -282,7 +284,7 @@ def test_poisson_gaps_are_seeded_and_average_the_rate() -> None:
 async def test_closed_loop_numbers_are_consistent(fast: FakeServer) -> None:
     plan = StepPlan(mode="closed", concurrency=4, warmup_s=0.2, window_s=0.5, max_windows=3, tolerance=0.5)
     async with AsyncClient(fast.address) as client:
-        step = await run_step(plan, client.stub, build_workload(WorkloadSpec()))
+        step = await run_step(plan, as_target(client), build_workload(WorkloadSpec()))
     check_step(step)
     m = step.measured
     assert m.failed == 0 and m.sent > 50
@@ -295,7 +297,7 @@ async def test_closed_loop_numbers_are_consistent(fast: FakeServer) -> None:
 async def test_open_loop_keeps_its_schedule(fast: FakeServer) -> None:
     plan = StepPlan(mode="open", rate=100.0, arrival="fixed", warmup_s=0.2, window_s=1.0, max_windows=1)
     async with AsyncClient(fast.address) as client:
-        step = await run_step(plan, client.stub, build_workload(WorkloadSpec()))
+        step = await run_step(plan, as_target(client), build_workload(WorkloadSpec()))
     check_step(step)
     sched = step.schedule
     assert sched is not None
@@ -317,7 +319,7 @@ async def test_open_loop_latency_includes_the_queue_of_a_slow_server() -> None:
                     StepPlan(
                         mode="open", rate=rate, arrival="fixed", warmup_s=0.0, window_s=1.0, max_windows=1
                     ),
-                    client.stub,
+                    as_target(client),
                     workload,
                 )
                 for rate in (25.0, 100.0)
@@ -345,7 +347,9 @@ async def test_open_loop_says_when_the_client_itself_fell_behind() -> None:
             plan = StepPlan(
                 mode="open", rate=100.0, arrival="fixed", warmup_s=0.0, window_s=0.5, max_in_flight=2
             )
-            step = await run_step(replace(plan, max_windows=1), client.stub, build_workload(WorkloadSpec()))
+            step = await run_step(
+                replace(plan, max_windows=1), as_target(client), build_workload(WorkloadSpec())
+            )
     check_step(step, steady=False)
     sched = step.schedule
     assert sched is not None
@@ -514,7 +518,7 @@ async def test_reports_are_written_from_the_typed_results(tmp_path: Path, fast: 
     """A step from the load generator with a server view from two scrapes: JSON, Markdown and plots."""
     plan = StepPlan(mode="closed", concurrency=8, warmup_s=0.0, window_s=0.3, max_windows=1)
     async with AsyncClient(fast.address) as client:
-        step = await run_step(plan, client.stub, build_workload(WorkloadSpec()))
+        step = await run_step(plan, as_target(client), build_workload(WorkloadSpec()))
     view = server_view(parse(METRICS_BEFORE, at=0.0), parse(METRICS_AFTER, at=4.0))
     step = replace(step, server=view, ratio_to_raw=0.5)
     big = 1 << 20
@@ -523,7 +527,7 @@ async def test_reports_are_written_from_the_typed_results(tmp_path: Path, fast: 
     doc = report.new_document("run", "recserve bench run", {})
     doc = replace(doc, series=(Series(name="target", target="x:1", server=info, steps=(step,)),))
     paths = report.write_all(doc, tmp_path, None)
-    assert set(paths) == {"json", "markdown", "knee", "throughput", "batch_sizes"}
+    assert set(paths) == {"json", "markdown", "knee", "throughput", "latency", "batch_sizes"}
     assert paths["batch_sizes"].read_bytes().startswith(PNG_MAGIC)
     md = paths["markdown"].read_text()
     assert "| 0.50 |" in md and "| 4.0 | 1.15 | 25% | 50% |" in md and "max batch 32" in md
@@ -786,7 +790,16 @@ async def test_bare_baseline_answers_like_the_server(tiny_repo: Path, tmp_path: 
 
 
 def test_suite_writes_benchmarks_markdown(tiny_repo: Path, tmp_path: Path) -> None:
-    """The standard suite with tiny settings: raw limit, two servers in child processes, every section."""
+    """The standard suite with tiny settings: raw limit, two servers in child processes, every section;
+    and a peer of another protocol (a TEI stub, --peer) in the same run."""
+    from tests.support.stub_peers import TeiStub
+
+    with TeiStub() as tei:
+        check_suite(tiny_repo, tmp_path, f"tei=tei+http://{tei.address}")
+    assert tei.calls["/embed"] > 10  # its lone calls, sweeps and paired windows
+
+
+def check_suite(tiny_repo: Path, tmp_path: Path, peer: str) -> None:
     md = tmp_path / "BENCHMARKS.md"
     flags = ["--concurrency", "1,4", "--compare", "1,4", "--open-fractions", "0.5", "--raw-repeats", "1"]
     flags += [
@@ -804,16 +817,21 @@ def test_suite_writes_benchmarks_markdown(tiny_repo: Path, tmp_path: Path) -> No
         "1",
     ]
     out = ["--out", str(tmp_path / "results"), "--markdown", str(md), "--quiet"]
-    rc = bench(["suite", "--model-repo", str(tiny_repo), *out, *flags])
+    rc = bench(["suite", "--model-repo", str(tiny_repo), *out, *flags, "--peer", peer])
     assert rc == 0
     doc = json.loads((tmp_path / "results" / "results.json").read_text())
-    assert [s["name"] for s in doc["series"]] == ["batching on", "batching off"]
+    assert [s["name"] for s in doc["series"]] == ["batching on", "batching off", "tei"]
+    tei = doc["series"][2]
+    assert tei["protocol"] == "tei+http" and tei["server"]["model_name"] == "stub/tei-model"
+    assert [s["label"].split()[0] for s in tei["steps"]] == ["closed", "closed", "open"]
+    assert {"tei_peak", "tei_efficiency", "tei_lone_overhead"} <= set(doc["summary"])
     assert doc["raw"]["texts_per_s"] > 0 and doc["raw"]["single"]["latency_ms"]["p50"] > 0
     summary = {"efficiency", "padding", "lone_overhead", "lone_floor", "open_rate_fraction", "batching_gain"}
     assert summary <= set(doc["summary"])
     # Lone calls: every text to the raw model, the bare gRPC server and the default server.
     lone = doc["lone"]
-    assert lone["calls"] == 10 and list(lone["latency_ms"]) == ["raw", "bare gRPC", "batching on"]
+    assert lone["calls"] == 10
+    assert list(lone["latency_ms"]) == ["raw", "bare gRPC", "batching on", "batching on, KServe v2", "tei"]
     for name, overhead in lone["overhead_ms"].items():
         assert overhead == round(lone["latency_ms"][name]["p50"] - lone["latency_ms"]["raw"]["p50"], 3)
     assert doc["summary"]["lone_overhead"]["value"] == lone["overhead_ms"]["batching on"]
@@ -823,19 +841,26 @@ def test_suite_writes_benchmarks_markdown(tiny_repo: Path, tmp_path: Path) -> No
     assert paired["callers"] == 4 and len(paired["rounds"]) == 2
     for rnd in paired["rounds"]:
         assert rnd["raw_texts_per_s"] > 0
-        assert {"batching on", "one batch at a time"} == set(rnd["served"])
+        assert {"batching on", "batching on, KServe v2", "one batch at a time", "tei"} == set(rnd["served"])
         assert all(v["texts_per_s"] > 0 and v["failed"] == 0 for v in rnd["served"].values())
     served = sum(r["served"]["batching on"]["texts_per_s"] for r in paired["rounds"])
     raw = sum(r["raw_texts_per_s"] for r in paired["rounds"])
     assert doc["summary"]["efficiency"]["value"] == round(served / raw, 3)
+    # The same server over KServe v2, in the same rounds; and a server of two models, alone and at once.
+    over_v2 = sum(r["served"]["batching on, KServe v2"]["texts_per_s"] for r in paired["rounds"])
+    assert doc["summary"]["kserve_ratio"]["value"] == pytest.approx(over_v2 / served, abs=2e-3)
+    assert isinstance(doc["summary"]["two_models"]["met"], bool)
     text = md.read_text()
     for heading in (
         "## Summary",
+        "## Servers compared",
+        "## Tei",
         "## Batching on",
         "### Open loop",
         "## Lone calls, interleaved",
         "## Efficiency at 4 callers, paired rounds",
         "## Batching on against off",
+        "## Two models in one server",
         "## Overload",
         "## Fairness: one-text calls beside 2,000-text calls",
         "## Raw limit",
@@ -852,5 +877,6 @@ def test_suite_writes_benchmarks_markdown(tiny_repo: Path, tmp_path: Path) -> No
     overload_rows = {"overload_goodput", "overload_refusal_p99", "overload_admitted_p99", "overload_rss"}
     assert overload_rows | {"fairness_lone_p99"} <= set(doc["summary"])
     assert all(isinstance(doc["summary"][key]["met"], bool) for key in overload_rows)
-    for plot in ("knee", "throughput", "batch_sizes"):
+    for plot in ("knee", "throughput", "latency", "batch_sizes"):
         assert (tmp_path / "results" / f"{plot}.png").read_bytes().startswith(PNG_MAGIC)
+        assert f"](results/{plot}.png)" in text  # linked from BENCHMARKS.md

@@ -149,7 +149,7 @@ class Replica:
     log: Path
 
     def ok_calls(self) -> int:
-        return round(scrape(self).get(total(Name.REQUESTS), rpc="Embed", code="OK"))
+        return round(scrape(self).total(total(Name.REQUESTS), rpc="Embed", code="OK"))
 
 
 def scrape(replica: Replica) -> Snapshot:
@@ -290,7 +290,7 @@ def test_three_replicas_share_the_calls_and_one_drains_without_a_failed_call(
             load.wait_ok(60)
             caller = threading.Thread(target=big_call)
             caller.start()
-            while caller.is_alive() and not scrape(stopped).get(Name.IN_FLIGHT):
+            while caller.is_alive() and not scrape(stopped).total(Name.IN_FLIGHT):
                 time.sleep(0.005)  # until the server handles a call (the big one, or the load's)
             before = [r.ok_calls() for r in others]
             stopped_before = stopped.ok_calls()

@@ -28,14 +28,16 @@ class RawModel:
     (two concurrent single-thread batches are slower here), so the server is held to the stricter limit.
     """
 
-    def __init__(self, repo: Path, *, threads: int, precision: str = "auto", query: str = "") -> None:
+    def __init__(
+        self, repo: Path, *, threads: int, precision: str = "auto", device: str = "auto", query: str = ""
+    ) -> None:
         # Imported here: onnxruntime is heavy, and only this baseline needs it in the benchmark's process.
         from recserve.server.runtime import FastTokenizer, load_backend
 
         self.manifest = Manifest.load(repo)
         self.threads = threads
-        # The server's own default device choice ("auto"), so the limit runs where the server would.
-        self.backend = load_backend(repo, self.manifest, "auto", precision, threads, 1, concurrent_batches=1)
+        # The server's own device choice ("auto" by default), so the limit runs where the server would.
+        self.backend = load_backend(repo, self.manifest, device, precision, threads, 1, concurrent_batches=1)
         self._tokenizer = FastTokenizer(repo / self.manifest.tokenizer_file)
         self._cross = self.manifest.task == "cross-encoder"
         self._query = query

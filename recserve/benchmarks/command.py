@@ -1,6 +1,6 @@
-"""`recserve bench`: `run` load-tests any target that speaks the recserve API; `suite` benchmarks a model
-repository on this machine and writes BENCHMARKS.md; `overload` and `soak` measure a target past and below
-its capacity.
+"""`recserve bench`: `run` load-tests a target (recserve, or a server of another protocol: protocols.py);
+`suite` benchmarks a model repository on this machine and writes BENCHMARKS.md; `overload` and `soak`
+measure a target past and below its capacity; `gpu-check` checks fp16 on a CUDA GPU.
 
 `configure` imports nothing beyond argparse: `recserve --help` and `recserve serve` never pay for the harness.
 """
@@ -22,13 +22,19 @@ EXAMPLES = """examples:
   recserve bench overload --model-repo models/all-MiniLM-L6-v2       # or --target HOST:PORT --pid PID
   recserve bench soak --target 127.0.0.1:50051 --pid 4242 --minutes 10 --fraction 0.7
   recserve bench fleet --model-repo models/all-MiniLM-L6-v2 --out benchmarks/fleet   # 1..3 local replicas
+  recserve bench run --target openai+http://127.0.0.1:8080 --concurrency 1,16,64      # TEI, vLLM, infinity
+  recserve bench run --target kserve-v2://127.0.0.1:8001 --model my-encoder           # Triton, KServe
+  recserve bench suite --model-repo models/all-MiniLM-L6-v2 --peer tei=tei+http://127.0.0.1:8080
+  recserve bench gpu-check --model-repo models/all-MiniLM-L6-v2 --out benchmarks/gpu  # CUDA + onnxruntime-gpu
 """
 
 
 RUN_DESCRIPTION = """\
-Load-test any target that speaks the recserve v1 API: closed loop (N callers) or open loop (a fixed or
-Poisson schedule, latency from the scheduled send time), with the server's own metrics beside the client's
-figures. The target is checked (health + Info) before any load is sent."""
+Load-test a target: a recserve server, or one of another protocol (OpenAI-compatible or TEI embeddings over
+HTTP, KServe v2 over gRPC), named by its URL: closed loop (N callers) or open loop (a fixed or Poisson
+schedule, latency from the scheduled send time), with a recserve server's own metrics beside the client's
+figures. The target is checked (recserve: health + Info; others: their readiness and one probe call)
+before any load is sent."""
 SUITE_DESCRIPTION = """\
 The standard benchmark of a model repository on this machine: the raw in-process limit, then servers it
 starts itself (batching on, batching off) under closed- and open-loop sweeps; writes the JSON, the plots
@@ -190,11 +196,49 @@ def _configure_fleet(sub: Any, cores: int) -> None:
     o.add_argument("--quiet", action="store_true", help="no live progress line")
 
 
+GPU_CHECK_DESCRIPTION = """\
+Issue 14's GPU check, on a machine with a CUDA GPU and onnxruntime-gpu (a few minutes): fp16 parity on the
+CUDA provider for every parity text against the fp32 variant on the CPU (and the PyTorch reference where it
+is here), batch invariance, that the server's runner uses IO binding, the raw fp16 throughput and the served
+throughput at 64 callers. Writes gpu-check.json and GPU-CHECK.md; refuses in one line (exit 2) without a
+CUDA provider or a GPU. --device cpu is a dry run of the same steps on the CPU provider."""
+
+
+def _configure_gpu_check(sub: Any, cores: int) -> None:
+    p = sub.add_parser(
+        "gpu-check", help="fp16 on CUDA: parity, IO binding, throughput", description=GPU_CHECK_DESCRIPTION
+    )
+    p.add_argument(
+        "--model-repo", type=Path, required=True, help="model repository with fp16 and fp32 variants"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("bench-out/gpu"), help="gpu-check.json, GPU-CHECK.md, logs"
+    )
+    p.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cuda (default); cpu: a dry run of the steps on the CPU provider, not a GPU's figures",
+    )
+    p.add_argument("--callers", type=int, default=64, help="closed-loop callers of the served step (64)")
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds of warm-up of the served step (5)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of the served step's window (20)")
+    p.add_argument("--threads", type=int, default=cores, help=f"ORT threads, server and in process ({cores})")
+    p.add_argument(
+        "--reference",
+        default="auto",
+        help="the PyTorch reference: auto (the manifest's checkpoint, where torch and it are here), none, "
+        "or a checkpoint DIR (auto)",
+    )
+    _add_workload_flags(p)
+    p.add_argument("--quiet", action="store_true", help="no live progress line")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(
-        dest="bench_command", required=True, metavar="{run,suite,overload,soak,fleet}"
+        dest="bench_command", required=True, metavar="{run,suite,overload,soak,fleet,gpu-check}"
     )
     cores = os.cpu_count() or 1
 
@@ -207,7 +251,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.epilog = EXAMPLES
     t = run.add_argument_group("target")
     t.add_argument(
-        "--target", default="127.0.0.1:50051", help="HOST:PORT speaking recserve.v1 (127.0.0.1:50051)"
+        "--target",
+        default="127.0.0.1:50051",
+        help="recserve: HOST:PORT or grpc://HOST:PORT; others: openai+http://HOST:PORT (POST "
+        "/v1/embeddings), tei+http://HOST:PORT (POST /embed), kserve-v2://HOST:PORT (127.0.0.1:50051)",
+    )
+    t.add_argument(
+        "--model",
+        help="the served model to call: recserve (default: the server's default), openai+http and kserve-v2 "
+        "(default: the only one it lists)",
     )
     t.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
     t.add_argument(
@@ -292,11 +344,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     suite.add_argument("--quiet", action="store_true", help="no live progress line")
     suite.add_argument("--no-overload", action="store_true", help="skip the overload section")
+    suite.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="also measure a running server of any protocol `bench run --target` takes, under NAME "
+        "(e.g. tei=openai+http://127.0.0.1:8080); repeat for more",
+    )
     _add_workload_flags(suite)
     _add_load_flags(suite, duration=5.0, warmup=2.0)
     _configure_overload(sub, cores)
     _configure_soak(sub, cores)
     _configure_fleet(sub, cores)
+    _configure_gpu_check(sub, cores)
     parser.set_defaults(_bench_argv=None)
 
 
@@ -325,6 +386,14 @@ def run(args: argparse.Namespace) -> int:
             from recserve.benchmarks.fleet import run_fleet
 
             return asyncio.run(run_fleet(flags.fleet_config(args, args._bench_argv)))
+        if args.bench_command == "gpu-check":
+            from recserve.benchmarks.gpu_check import Refusal, run_gpu_check
+
+            try:
+                return asyncio.run(run_gpu_check(flags.gpu_check_config(args, args._bench_argv)))
+            except Refusal as exc:
+                print(f"recserve bench gpu-check: {exc}", file=sys.stderr)
+                return EXIT_USAGE
         from recserve.benchmarks.suite import run_suite
 
         return asyncio.run(run_suite(flags.suite_config(args, args._bench_argv)))

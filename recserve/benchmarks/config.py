@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from recserve.benchmarks.loadgen import LoadSettings, StepPlan
+from recserve.benchmarks.protocols import Access, Endpoint
 from recserve.benchmarks.results import Json, to_json
 from recserve.benchmarks.workloads import Workload, WorkloadError, WorkloadSpec, build_workload
 
@@ -30,6 +31,8 @@ def workload_of(spec: WorkloadSpec) -> Workload:
 @dataclass(frozen=True)
 class RunConfig:
     target: str
+    """The target's URL (protocols.py; a recserve target as its client takes it)."""
+    endpoint: Endpoint
     mode: Literal["closed", "open"]
     concurrency: tuple[int, ...]
     rates: tuple[float, ...]
@@ -50,11 +53,30 @@ class RunConfig:
     progress: bool = True
     command: str = ""
 
+    @property
+    def access(self) -> Access:
+        return Access(
+            tls=self.tls,
+            root_cert=self.root_cert,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            token_file=self.token_file,
+            metrics_url=self.metrics_url,
+        )
+
     def plans(self) -> list[StepPlan]:
         seed = self.workload.seed
         if self.mode == "closed":
             return [self.load.plan("closed", concurrency=c, seed=seed) for c in self.concurrency]
         return [self.load.plan("open", rate=r, arrival=self.arrival, seed=seed) for r in self.rates]
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """`suite --peer NAME=URL`: a server the suite measures beside its own, under this name."""
+
+    name: str
+    endpoint: Endpoint
 
 
 @dataclass(frozen=True)
@@ -76,6 +98,7 @@ class SuiteConfig:
     command: str = ""
     overload: bool = True
     """The overload section (overload.py), on a server of its own, with the steps' warm-up and window."""
+    peers: tuple[PeerSpec, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ from typing import TextIO
 
 from recserve.benchmarks import report
 from recserve.benchmarks.config import RunConfig, settings, workload_of
+from recserve.benchmarks.protocols import DESCRIPTIONS, TargetInfo, as_target, open_target
 from recserve.benchmarks.results import RawLimit, Series, SummaryItem
 from recserve.benchmarks.sweep import ProgressLine, sweep
-from recserve.benchmarks.targets import check_target, check_workload_fits, connected, resolve_metrics
+from recserve.benchmarks.targets import check_target, connected
 from recserve.benchmarks.workloads import Workload
 from recserve.client import ServerInfo
 
@@ -35,23 +36,33 @@ async def execute(config: RunConfig, err: TextIO | None = None) -> int:
     notes: list[str] = []
     doc = report.new_document("run", config.command, settings(config))
     series: list[Series] = []
-    async with connected(
-        config.target, config.tls, config.root_cert, config.tls_cert, config.tls_key, config.token_file
-    ) as client:
-        info = await check_target(client, config.target)
-        check_workload_fits(config.workload, info, config.target)
-        metrics_url = await resolve_metrics(config.metrics_url, config.target, notes)
+    endpoint = config.endpoint
+    async with open_target(endpoint, config.access) as target:
+        info = await target.check(config.workload, notes)
+        if endpoint.protocol != "recserve":
+            notes.append(
+                f"{endpoint.url} speaks {DESCRIPTIONS[endpoint.protocol]}: no server-side figures (batch "
+                "sizes, padding, queue) beside the client's; those come from a recserve server's metrics"
+            )
         raw = await _raw_limit(config, workload, info, notes)
         raw_tps = raw.texts_per_s if raw else None
         steps = await sweep(
-            client,
+            target,
             config.plans(),
             workload,
-            metrics_url=metrics_url,
+            metrics_url=target.metrics_url,
             progress=progress,
             raw_texts_per_s=raw_tps,
         )
-        series.append(Series(name="target", target=config.target, server=info, steps=tuple(steps)))
+        series.append(
+            Series(
+                name="target",
+                target=endpoint.url,
+                protocol=endpoint.protocol,
+                server=info,
+                steps=tuple(steps),
+            )
+        )
     if config.batching_off and config.model_repo is not None:
         log = config.out / "server-batching-off.log"
         async with (
@@ -62,7 +73,7 @@ async def execute(config: RunConfig, err: TextIO | None = None) -> int:
         ):
             off_info = await check_target(client, srv.address)
             steps = await sweep(
-                client,
+                as_target(client),
                 config.plans(),
                 workload,
                 metrics_url=srv.metrics_url,
@@ -116,7 +127,7 @@ def run_summary(series: Sequence[Series], raw: RawLimit | None) -> dict[str, Sum
 
 
 async def _raw_limit(
-    config: RunConfig, workload: Workload, info: ServerInfo, notes: list[str]
+    config: RunConfig, workload: Workload, info: TargetInfo, notes: list[str]
 ) -> RawLimit | None:
     if config.model_repo is None:
         return None
@@ -124,7 +135,13 @@ async def _raw_limit(
     from recserve.manifest import Manifest
 
     manifest = Manifest.load(config.model_repo)
-    if manifest.source.weights_sha256 != info.weights_sha256:
+    if not isinstance(info, ServerInfo):
+        notes.append(
+            f"the raw limit runs {manifest.model_name} from --model-repo; {config.target} cannot say which "
+            f"weights it serves ({info.model_name or 'no model name'}, dimension {info.dimension}), so the "
+            "ratios hold only if it serves the same model"
+        )
+    elif manifest.source.weights_sha256 != info.weights_sha256:
         notes.append(
             f"the raw limit runs {manifest.model_name} from --model-repo, but the target serves "
             f"{info.model_name} (weights {info.weights_sha256[:12]}): the ratios compare different models"

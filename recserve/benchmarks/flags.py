@@ -16,12 +16,14 @@ from recserve.benchmarks.config import (
     ConfigError,
     OverloadConfig,
     OverloadSettings,
+    PeerSpec,
     RunConfig,
     SoakConfig,
     SuiteConfig,
     TargetChoice,
 )
 from recserve.benchmarks.loadgen import LoadSettings
+from recserve.benchmarks.protocols import Endpoint, EndpointError, parse_endpoint
 from recserve.benchmarks.workloads import (
     RpcKind,
     WorkloadError,
@@ -32,6 +34,7 @@ from recserve.benchmarks.workloads import (
 
 if TYPE_CHECKING:
     from recserve.benchmarks.fleet import FleetConfig
+    from recserve.benchmarks.gpu_check import GpuCheckConfig
 
 
 def int_list(flag: str, text: str) -> tuple[int, ...]:
@@ -147,10 +150,10 @@ def run_config(args: argparse.Namespace, argv: Sequence[str] | None = None) -> R
         check_repo(args.model_repo)
     if args.threads < 1:
         raise ConfigError("--threads must be >= 1")
-    if ":" not in args.target:
-        raise ConfigError(f"--target must be HOST:PORT, got {args.target!r}")
+    endpoint = run_endpoint(args, spec)
     return RunConfig(
-        target=args.target,
+        target=endpoint.url,
+        endpoint=endpoint,
         mode=args.mode,
         concurrency=concurrency,
         rates=rates,
@@ -173,6 +176,51 @@ def run_config(args: argparse.Namespace, argv: Sequence[str] | None = None) -> R
     )
 
 
+def endpoint(flag: str, text: str, rpc: set[str] | frozenset[str]) -> Endpoint:
+    """A target URL (protocols.parse_endpoint) whose protocol carries every RPC of the workload."""
+    try:
+        parsed = parse_endpoint(text)
+        parsed.check_rpcs(rpc)
+    except EndpointError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+    return parsed
+
+
+def run_endpoint(args: argparse.Namespace, spec: WorkloadSpec) -> Endpoint:
+    """`bench run --target`, with --model, and the flags that only some protocols take."""
+    target = endpoint("--target", args.target, set(spec.rpc))
+    if args.model is not None:
+        if target.protocol == "tei+http":
+            raise ConfigError(f"--model does not apply to {target.url}: TEI serves one model")
+        if target.model is not None and target.model != args.model:
+            raise ConfigError(f"--model {args.model} and the target's ?model={target.model} disagree")
+        target = replace(target, model=args.model)
+    if target.protocol != "recserve" and args.metrics_url not in ("auto", "none"):
+        raise ConfigError(
+            "--metrics-url reads a recserve server's metrics; other targets have no server view"
+        )
+    http = target.protocol in ("openai+http", "tei+http")
+    if http and (args.tls or args.root_cert is not None or args.tls_cert is not None):
+        raise ConfigError(f"--tls, --tls-ca and --tls-cert apply to gRPC targets; {target.url} is plain HTTP")
+    return target
+
+
+def peer_specs(values: Sequence[str]) -> tuple[PeerSpec, ...]:
+    """`--peer NAME=URL`, repeated: distinct names, URLs of protocols that carry Embed (all do)."""
+    from recserve.benchmarks.suite import PARTIES
+
+    peers: list[PeerSpec] = []
+    for value in values:
+        name, sep, url = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not url.strip():
+            raise ConfigError(f"--peer {value!r}: expected NAME=URL, e.g. tei=openai+http://127.0.0.1:8080")
+        if name in PARTIES or any(p.name == name for p in peers):
+            raise ConfigError(f"--peer {value!r}: the name {name!r} is taken; name each server once")
+        peers.append(PeerSpec(name, endpoint(f"--peer {name}", url, {"embed"})))
+    return tuple(peers)
+
+
 def suite_config(args: argparse.Namespace, argv: Sequence[str] | None = None) -> SuiteConfig:
     """`bench suite`: the same checks for its flags, before any server starts."""
     load = load_settings(args)
@@ -182,7 +230,9 @@ def suite_config(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
     if min(args.threads, args.raw_repeats, args.rounds, args.singles) < 1:
         raise ConfigError("--threads, --raw-repeats, --rounds and --singles must be >= 1")
     positive("--p99-target-ms", args.p99_target_ms)
+    peers = peer_specs(args.peer)
     return SuiteConfig(
+        peers=peers,
         model_repo=args.model_repo,
         out=args.out,
         markdown=args.markdown,
@@ -215,9 +265,13 @@ def target_choice(args: argparse.Namespace) -> TargetChoice:
         check_repo(args.model_repo)
         target = None
     else:
-        target = args.target or DEFAULT_TARGET
-        if ":" not in target:
-            raise ConfigError(f"--target must be HOST:PORT, got {target!r}")
+        parsed = endpoint("--target", args.target or DEFAULT_TARGET, {"embed"})
+        if parsed.protocol != "recserve":
+            raise ConfigError(
+                f"--target {parsed.url}: bench {args.bench_command} measures a recserve server (its "
+                "refusals, its process); load other servers with bench run or bench suite --peer"
+            )
+        target = parsed.address
     if args.pid is not None and (args.pid < 1 or not process.exists(args.pid)):
         raise ConfigError(f"--pid {args.pid}: no such process on this machine")
     if args.threads < 1:
@@ -360,6 +414,33 @@ def fleet_config(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
         workload=WorkloadSpec(lengths=args.workload, seed=args.seed, encoding=args.encoding),
         out=args.out,
         markdown=args.markdown,
+        progress=not args.quiet,
+        command=command_line(argv),
+    )
+
+
+def gpu_check_config(args: argparse.Namespace, argv: Sequence[str] | None = None) -> GpuCheckConfig:
+    """`bench gpu-check`: the flags and the repository checked; the GPU itself is checked by the command."""
+    from recserve.benchmarks.gpu_check import GpuCheckConfig
+
+    positive("--warmup", args.warmup, allow_zero=True)
+    positive("--duration", args.duration)
+    if min(args.callers, args.threads) < 1:
+        raise ConfigError("--callers and --threads must be >= 1")
+    check_repo(args.model_repo)
+    _lengths(args.workload)
+    if args.reference not in ("auto", "none") and not Path(args.reference).is_dir():
+        raise ConfigError(f"--reference {args.reference}: not a checkpoint directory (or auto, none)")
+    return GpuCheckConfig(
+        model_repo=args.model_repo,
+        out=args.out,
+        device=args.device,
+        callers=args.callers,
+        warmup_s=args.warmup,
+        window_s=args.duration,
+        threads=args.threads,
+        reference=args.reference,
+        workload=WorkloadSpec(lengths=args.workload, seed=args.seed, encoding=args.encoding),
         progress=not args.quiet,
         command=command_line(argv),
     )

@@ -32,6 +32,7 @@ from recserve.benchmarks import report
 from recserve.benchmarks.config import workload_of
 from recserve.benchmarks.loadgen import LoadSettings, run_step
 from recserve.benchmarks.overload import inconsistent
+from recserve.benchmarks.protocols import as_target
 from recserve.benchmarks.results import (
     BacklogSample,
     FleetResult,
@@ -172,7 +173,7 @@ async def measure_replicas(
     async with AsyncClient([s.address for s in servers], deadline=CLOSED_DEADLINE_S) as client:
         info = await check_target(client, name)
         check_workload_fits(workload.spec, info, name)
-        step = await run_step(plan, client.stub, workload, progress=progress, on_boundary=at_boundary)
+        step = await run_step(plan, as_target(client), workload, progress=progress, on_boundary=at_boundary)
     first, last = step.boundaries
     a, b = marks[first], marks[last]
     seconds = max(b.at - a.at, 1e-9)
@@ -469,7 +470,7 @@ async def load_step(
                 progress.finish(
                     f"load step: {rate:g} calls/s ({cfg.level:g}x {capacity:g}) for {cfg.load_s:g} s"
                 )
-            step = await run_step(plan, client.stub, workload, progress=progress)
+            step = await run_step(plan, as_target(client), workload, progress=progress)
         end = start + cfg.load_s
         await asyncio.sleep(max(0.0, t0 + end + cfg.idle_s - loop.time()))
     finally:

@@ -22,21 +22,16 @@ from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import grpc
-import grpc.aio
 import numpy as np
 
 from recserve.benchmarks import stats, summary
-from recserve.benchmarks.recorder import MISMATCH, OK, Recorder, Windows
+from recserve.benchmarks.protocols import Target
+from recserve.benchmarks.recorder import CLIENT_ERROR, OK, Recorder, Windows
 from recserve.benchmarks.results import Figures, StepResult, StepSettings
 from recserve.benchmarks.workloads import Workload
-from recserve.v1 import inference_pb2 as pb
-from recserve.v1 import inference_pb2_grpc as pb_grpc
 
 _CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 
-# What each prebuilt call returns, to check the count cheaply: packed bytes, float vectors, or scores.
-_PACKED, _FLOATS, _SCORES = 0, 1, 2
-_PACKED_WIDTH = {pb.VECTOR_ENCODING_PACKED_F16: 2, pb.VECTOR_ENCODING_PACKED_F32: 4}
 # The live progress line looks at this many of the latest calls.
 _RECENT = 2000
 
@@ -118,7 +113,7 @@ class _Step:
     def __init__(
         self,
         plan: StepPlan,
-        stub: pb_grpc.InferenceStub,
+        target: Target,
         workload: Workload,
         progress: Progress | None,
         on_boundary: BoundaryHook | None,
@@ -128,17 +123,8 @@ class _Step:
         self.progress = progress
         self.on_boundary = on_boundary
         self.loop = asyncio.get_running_loop()
-        methods = {"embed": stub.Embed, "score": stub.Score, "history": stub.Score}
-        self.methods = [methods[k] for k in workload.kinds]
-        self.messages = workload.messages
-        self.check: list[tuple[int, int]] = []
-        for kind, msg, n in zip(workload.kinds, workload.messages, workload.expect.tolist(), strict=True):
-            if kind != "embed":
-                self.check.append((_SCORES, n))
-            elif isinstance(msg, pb.EmbedRequest) and msg.encoding in _PACKED_WIDTH:
-                self.check.append((_PACKED, n * _PACKED_WIDTH[msg.encoding]))
-            else:
-                self.check.append((_FLOATS, n))
+        self.send = target.calls(workload).send
+        self.ring = len(workload)
         # Embed replies report the exact token counts; the first reply to each call replaces the estimate.
         self.tokens_pending = {i for i, k in enumerate(workload.kinds) if k == "embed"}
         self.tokens = workload.tokens_per.copy()
@@ -170,24 +156,16 @@ class _Step:
         i = self.recorder.index[row]
         code = OK
         try:
-            resp = await self.methods[i](self.messages[i], timeout=self.plan.deadline_s)
-            kind, n = self.check[i]
-            if kind == _PACKED:
-                got = len(resp.packed) == n * resp.dimension and resp.dimension > 0
-            elif kind == _FLOATS:
-                got = len(resp.vectors) == n
-            else:
-                got = len(resp.scores) == n
-            if not got:
-                code = MISMATCH
-            elif i in self.tokens_pending:
+            code, tokens = await self.send(i, self.plan.deadline_s)
+            if code == OK and tokens is not None and i in self.tokens_pending:
                 self.tokens_pending.discard(i)
-                self.tokens[i] = sum(resp.token_counts)
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code().value[0]
+                self.tokens[i] = tokens
         except asyncio.CancelledError:
             code = _CANCELLED
             raise
+        except Exception:
+            # Recorded, not raised: a closed-loop caller must outlive anything one call does.
+            code = CLIENT_ERROR
         finally:
             self.recorder.finish(row, self.loop.time(), code)
             self.errors += code != OK
@@ -200,7 +178,7 @@ class _Step:
                 self.room.set()
 
     async def closed_worker(self) -> None:
-        n = len(self.messages)
+        n = self.ring
         while self.calls < self.plan.max_calls:
             now = self.loop.time()
             if now >= self.stop_at:
@@ -210,7 +188,7 @@ class _Step:
             await self.call(self.admit(i, now, now))
 
     async def open_dispatcher(self) -> None:
-        n = len(self.messages)
+        n = self.ring
         plan = self.plan
         sched = self.t0
         next_gap = gaps(plan.rate, plan.arrival, plan.seed)
@@ -374,6 +352,7 @@ class _Step:
                 else None
             ),
             window_figures=tuple(windows) if plan.all_windows else None,
+            latency_distribution=stats.latency_distribution(summary.latencies(table, first, last)),
         )
 
     async def finish(self, grace: float) -> int:
@@ -388,13 +367,13 @@ class _Step:
 
 async def run_step(
     plan: StepPlan,
-    stub: pb_grpc.InferenceStub,
+    target: Target,
     workload: Workload,
     *,
     progress: Progress | None = None,
     on_boundary: BoundaryHook | None = None,
 ) -> StepResult:
-    """Runs one step against `stub` (an InferenceStub on a grpc.aio channel).
+    """Runs one step against `target` (protocols.py: recserve, or a server of another protocol).
 
     `on_boundary(k)` is awaited at each window boundary; the result's `boundaries` names the two that enclose
     the windows it reports.
@@ -405,4 +384,4 @@ async def run_step(
         raise ValueError("open loop needs a rate > 0")
     if plan.max_windows < 1 or plan.window_s <= 0 or plan.warmup_s < 0:
         raise ValueError("a step needs max_windows >= 1, window_s > 0 and warmup_s >= 0")
-    return await _Step(plan, stub, workload, progress, on_boundary).run()
+    return await _Step(plan, target, workload, progress, on_boundary).run()

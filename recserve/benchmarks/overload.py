@@ -38,6 +38,7 @@ from recserve.benchmarks.config import (
 )
 from recserve.benchmarks.loadgen import LoadSettings, run_step
 from recserve.benchmarks.process import SAMPLE_EVERY_S, RssWatch, rss_mib
+from recserve.benchmarks.protocols import as_target
 from recserve.benchmarks.recorder import OK
 from recserve.benchmarks.results import (
     Capacity,
@@ -144,7 +145,7 @@ async def measure_capacity(
     )
     plan = load.plan("closed", concurrency=callers, seed=workload.spec.seed)
     (step,) = await sweep(
-        subject.client,
+        as_target(subject.client),
         [plan],
         workload,
         metrics_url=subject.metrics_url,
@@ -187,7 +188,7 @@ async def overload_levels(
         )
         async with RssWatch(subject.pid) as watch:
             (step,) = await sweep(
-                subject.client,
+                as_target(subject.client),
                 [plan],
                 workload,
                 metrics_url=subject.metrics_url,
@@ -281,9 +282,9 @@ async def fairness_probe(
     lone = LoadSettings(
         warmup_s=s.warmup_s, window_s=s.probe_window_s, max_windows=1, deadline_s=s.probe_deadline_s
     ).plan("closed", concurrency=1, seed=workload.spec.seed)
-    stub = subject.client.stub
+    target = as_target(subject.client)
     reference = await run_step(
-        replace(lone, warmup_s=min(REFERENCE_WARMUP_S, s.warmup_s)), stub, workload, progress=progress
+        replace(lone, warmup_s=min(REFERENCE_WARMUP_S, s.warmup_s)), target, workload, progress=progress
     )
     loop = asyncio.get_running_loop()
     async with subject.connect() as stream_client:
@@ -295,7 +296,7 @@ async def fairness_probe(
             # some 20 s behind big ones on an unfair server) and the window would hold no call at all.
             await asyncio.sleep(s.warmup_s)
             start = loop.time()
-            beside = await run_step(replace(lone, warmup_s=0.0), stub, workload, progress=progress)
+            beside = await run_step(replace(lone, warmup_s=0.0), target, workload, progress=progress)
             ended = loop.time()
         finally:
             await stream.stop()

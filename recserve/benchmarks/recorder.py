@@ -14,7 +14,17 @@ MISMATCH = -1
 # No status yet: the call is in flight, or was cancelled before it ever started. Neither completed nor
 # failed, but sent: the consistency check then says so.
 PENDING = -2
-CODE_NAMES: dict[int, str] = {c.value[0]: c.name for c in grpc.StatusCode} | {MISMATCH: "MISMATCHED_REPLY"}
+# The call raised something its target's protocol did not map (a harness or client-library bug): counted as a
+# failure under its own name, so that a caller's loop never dies of it.
+CLIENT_ERROR = -3
+# HTTP targets (protocols.py) record an answer's HTTP status as HTTP_BASE + status, named HTTP_<status>,
+# rather than translating it into a gRPC code it does not mean.
+HTTP_BASE = 1000
+CODE_NAMES: dict[int, str] = (
+    {c.value[0]: c.name for c in grpc.StatusCode}
+    | {MISMATCH: "MISMATCHED_REPLY", CLIENT_ERROR: "CLIENT_ERROR"}
+    | {HTTP_BASE + status: f"HTTP_{status}" for status in range(100, 600)}
+)
 WARMUP = -1
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import sys
@@ -14,11 +15,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from recserve.benchmarks.protocols import DESCRIPTIONS
 from recserve.benchmarks.results import (
     Document,
     Json,
     LoadStep,
     Machine,
+    PeerInfo,
     Series,
     StepResult,
     SummaryItem,
@@ -106,8 +109,9 @@ def versions() -> dict[str, str]:
     return out
 
 
-Kind = Literal["run", "suite", "overload", "soak", "fleet"]
+Kind = Literal["run", "suite", "overload", "soak", "fleet", "gpu-check"]
 TITLES: dict[Kind, str] = {
+    "gpu-check": "recserve GPU check: fp16 on CUDA",
     "run": "recserve benchmark run",
     "suite": "recserve benchmarks",
     "overload": "recserve overload benchmark",
@@ -218,7 +222,7 @@ def print_tables(doc: Document, out: TextIO | None = None) -> None:
             f"({raw.threads} threads); single text p50 {_fmt(raw.single.latency_ms.p50, 2)} ms",
             file=out,
         )
-    if doc.kind in ("overload", "soak", "fleet"):  # their sections are their tables
+    if doc.kind in ("overload", "soak", "fleet", "gpu-check"):  # their sections are their tables
         for heading, body in (doc.sections or {}).items():
             print(f"\n{heading}\n", file=out)
             print("\n".join(body), file=out)
@@ -254,14 +258,24 @@ def _steps(series: Series, mode: Mode) -> list[StepResult]:
     return sorted((s for s in series.steps if s.mode == mode), key=lambda s: s.offered)
 
 
+def _color(doc: Document, series: Series) -> str:
+    """One colour per series, the same in every plot."""
+    return f"C{doc.series.index(series) % 10}"
+
+
+def _ordered(series: Series) -> list[StepResult]:
+    """Every step of a series: the closed loop by callers, then the open loop by rate."""
+    return _steps(series, "closed") + _steps(series, "open")
+
+
 def plot_knee(doc: Document, path: Path, p99_target_ms: float | None = None) -> Path | None:
-    """Latency percentiles against delivered throughput, one curve per series and mode: the knee.
+    """p50 (left) and p99 (right) against delivered throughput: one line per series and loop, the knee.
 
     Points are joined in order of offered load (callers or rate), so a server whose throughput falls back
     under overload shows it as a curve bending back.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     drawn = False
     for series in doc.series:
         for mode, marker in _MARKERS:
@@ -269,28 +283,75 @@ def plot_knee(doc: Document, path: Path, p99_target_ms: float | None = None) -> 
             if not steps:
                 continue
             xs = [s.measured.texts_per_s for s in steps]
-            p50 = [s.measured.latency_ms.p50 for s in steps]
-            p99 = [s.measured.latency_ms.p99 for s in steps]
-            for key, style, ys in (("p50", "-", p50), ("p99", "--", p99)):
+            for ax, key in zip(axes, ("p50", "p99"), strict=True):
                 ax.plot(
                     xs,
-                    ys,
-                    style,
+                    [getattr(s.measured.latency_ms, key) for s in steps],
+                    "-" if mode == "closed" else "--",
                     marker=marker,
-                    label=f"{series.name}, {mode} loop, {key}",
+                    color=_color(doc, series),
+                    label=f"{series.name}, {mode} loop",
                 )
-                drawn = True
+            drawn = True
     if not drawn:
         plt.close(fig)
         return None
     if p99_target_ms:
-        ax.axhline(p99_target_ms, color="grey", linestyle=":", label=f"{p99_target_ms:g} ms")
-    ax.set_yscale("log")
-    ax.set_xlabel("delivered throughput (texts/s)")
-    ax.set_ylabel("latency (ms, log scale)")
-    ax.set_title("Latency against throughput")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+        axes[1].axhline(p99_target_ms, color="grey", linestyle=":", label=f"{p99_target_ms:g} ms")
+    for ax, key in zip(axes, ("p50", "p99"), strict=True):
+        ax.set_yscale("log")
+        ax.set_xlabel("delivered throughput (texts/s)")
+        ax.set_title(f"{key} latency")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("latency (ms, log scale)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Latency against throughput")
+    return _save(fig, plt, path)
+
+
+# The distribution plot's x axis: "nines" of the percentile (90 -> 1, 99 -> 2, ...), the slowest call last.
+_MAX_NINES = 4.6
+_NINES_TICKS = ((0.0, "min"), (50.0, "50"), (90.0, "90"), (99.0, "99"), (99.9, "99.9"), (99.99, "99.99"))
+
+
+def _nines(percentile: float) -> float:
+    return _MAX_NINES if percentile >= 100 else -math.log10(1 - percentile / 100)
+
+
+def plot_latency(doc: Document, path: Path) -> Path | None:
+    """The latency distribution of every step: latency by percentile, the tail stretched out (as HDR
+    histograms plot it), one panel per series and one line per step."""
+    panels = [(ser, [s for s in _ordered(ser) if s.latency_distribution]) for ser in doc.series]
+    panels = [(ser, steps) for ser, steps in panels if steps]
+    if not panels:
+        return None
+    plt = _pyplot()
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.5 * rows), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, (series, steps) in zip(axes.flat, panels, strict=False):
+        for j, step in enumerate(steps):
+            dist = step.latency_distribution
+            assert dist is not None
+            ax.plot(
+                [_nines(q) for q in dist.percentiles],
+                dist.ms,
+                "-" if step.mode == "closed" else "--",
+                marker=".",
+                color=cmap(j / max(1, len(steps) - 1)),
+                label=step.label,
+            )
+        ax.set_xticks([_nines(q) for q, _ in _NINES_TICKS] + [_MAX_NINES])
+        ax.set_xticklabels([label for _, label in _NINES_TICKS] + ["max"])
+        ax.set_yscale("log")
+        ax.set_xlabel("percentile")
+        ax.set_ylabel("latency (ms, log scale)")
+        ax.set_title(f"{series.name}: latency distribution per step")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
     return _save(fig, plt, path)
 
 
@@ -323,40 +384,61 @@ def plot_throughput(doc: Document, path: Path) -> Path | None:
     return _save(fig, plt, path)
 
 
-def plot_batch_sizes(doc: Document, path: Path, max_steps: int = 4) -> Path | None:
-    """Share of batches per batch-size bucket, for a few steps (from the server's histogram)."""
-    picked: list[tuple[str, StepResult, dict[str, int]]] = []
+def _bucket_label(le: str) -> str:
+    return "<=" + (le if le == "+Inf" else f"{float(le):g}")
+
+
+def plot_batch_sizes(doc: Document, path: Path) -> Path | None:
+    """The batches the server formed in every step, from its metrics: the share of batches per batch-size
+    bucket (left, one row per step) and the padding ratio (right, padded over real tokens)."""
+    rows = []
     for series in doc.series:
-        with_hist = [s for s in series.steps if s.server and s.server.batches]
-        # The lightest and the heaviest closed-loop step show what batching does; open loop if none.
-        closed = sorted((s for s in with_hist if s.mode == "closed"), key=lambda s: s.offered) or with_hist
-        if closed:
-            ends = closed[:1] + closed[-1:] if len(closed) > 1 else closed
-            picked.extend((series.name, s, s.server.batch_size_histogram) for s in ends if s.server)
-    picked = picked[:max_steps]
-    if not picked:
+        steps = [s for s in _ordered(series) if s.server and s.server.batches]
+        if steps:
+            rows.append((series, steps))
+    if not rows:
         return None
     plt = _pyplot()
-    buckets = sorted({le for _, _, hist in picked for le in hist}, key=float)
-    used = [b for b in buckets if any(hist.get(b) for _, _, hist in picked)]
+    # The same buckets in every row, so that the servers' rows compare column by column.
+    every = [s.server.batch_size_histogram for _, steps in rows for s in steps if s.server]
+    buckets = sorted({le for hist in every for le in hist}, key=float)
+    used = [b for b in buckets if any(hist.get(b) for hist in every)]
     if used:  # no empty buckets beyond the largest batch seen
         buckets = buckets[: buckets.index(used[-1]) + 1]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    width = 0.8 / len(picked)
-    for j, (name, step, hist) in enumerate(picked):
-        total = sum(hist.values()) or 1
-        ax.bar(
-            [i + j * width for i in range(len(buckets))],
-            [hist.get(b, 0) / total for b in buckets],
-            width=width,
-            label=f"{name}: {step.label}",
+    worst = max((s.server.padding_ratio or 1.0 for _, steps in rows for s in steps if s.server), default=1.0)
+    height = sum(1.4 + 0.32 * len(steps) for _, steps in rows)
+    fig, axes = plt.subplots(
+        len(rows), 2, figsize=(13, height), squeeze=False, gridspec_kw={"width_ratios": [3, 1]}
+    )
+    for (left, right), (series, steps) in zip(axes, rows, strict=True):
+        hists = [s.server.batch_size_histogram for s in steps if s.server]
+        shares = [[hist.get(b, 0) / (sum(hist.values()) or 1) for b in buckets] for hist in hists]
+        left.imshow(shares, aspect="auto", cmap="Blues", vmin=0.0, vmax=1.0)
+        for i, row in enumerate(shares):
+            for j, share in enumerate(row):
+                if share >= 0.01:
+                    color = "white" if share > 0.6 else "black"
+                    left.text(j, i, f"{share:.0%}", ha="center", va="center", fontsize=6, color=color)
+        left.set_xticks(range(len(buckets)))
+        left.set_xticklabels([_bucket_label(b) for b in buckets], fontsize=7)
+        left.set_yticks(range(len(steps)))
+        left.set_yticklabels(
+            [f"{s.label} (mean {s.server.mean_batch_size:g})" if s.server else s.label for s in steps],
+            fontsize=7,
         )
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(buckets))])
-    ax.set_xticklabels(["<=" + (b if b == "+Inf" else f"{float(b):g}") for b in buckets], rotation=45)
-    ax.set_xlabel("texts per batch")
-    ax.set_ylabel("share of batches")
-    ax.set_title("Batch sizes formed by the server")
-    ax.legend(fontsize=8)
+        left.set_xlabel("texts per batch")
+        left.set_title(f"{series.name}: share of batches by size", fontsize=9)
+        pads = [s.server.padding_ratio if s.server and s.server.padding_ratio else math.nan for s in steps]
+        # Bars from 1.0 (no padding at all): what is drawn is the waste.
+        right.barh(range(len(steps)), [p - 1.0 for p in pads], left=1.0, color=_color(doc, series))
+        for i, pad in enumerate(pads):
+            if math.isfinite(pad):
+                right.text(pad, i, f" {pad:.2f}", va="center", fontsize=7)
+        right.set_xlim(1.0, 1.0 + max(0.2, (worst - 1.0) * 1.3))
+        right.set_ylim(len(steps) - 0.5, -0.5)  # the heat map's row order: first step on top
+        right.set_yticks([])
+        right.set_xlabel("padded / real tokens")
+        right.set_title("padding", fontsize=9)
     return _save(fig, plt, path)
 
 
@@ -397,11 +479,23 @@ def _save(fig: Any, plt: Any, path: Path) -> Path:
     return path
 
 
+PLOT_CAPTIONS = {
+    "knee": "**Latency against throughput**: p50 (left) and p99 (right) against the delivered texts/s, one "
+    "line per server and loop (solid: closed, dashed: open), in order of offered load.",
+    "throughput": "**Throughput against concurrency**: closed loop, with the raw limit for scale.",
+    "latency": "**Latency distribution per step**: latency by percentile, the tail stretched out (90, 99, "
+    "99.9, ...), one line per step (darker: lighter load).",
+    "batch_sizes": "**Batches and padding per step**, from the server's metrics: the share of batches by "
+    "size, and padded over real tokens.",
+}
+
+
 def write_plots(doc: Document, out_dir: Path, p99_target_ms: float | None = None) -> dict[str, str]:
     """Writes every plot the data allows; returns name -> file name (relative to out_dir)."""
     makers: dict[str, Callable[[Path], Path | None]] = {
         "knee": lambda p: plot_knee(doc, p, p99_target_ms),
         "throughput": lambda p: plot_throughput(doc, p),
+        "latency": lambda p: plot_latency(doc, p),
         "batch_sizes": lambda p: plot_batch_sizes(doc, p),
     }
     written = {}
@@ -428,15 +522,24 @@ def _summary_value(item: SummaryItem) -> str:
     return text
 
 
-def _series_lines(series: Series) -> list[str]:
+def _about(series: Series) -> str:
+    """What the target said of itself, in a line."""
     info = series.server
-    lines = [
-        f"## {series.name.capitalize()}",
-        "",
+    if isinstance(info, PeerInfo):
+        named = [info.model_name or "model not named", info.server, f"dimension {info.dimension}"]
+        details = [f"{k} {v}" for k, v in info.details.items()]
+        return (
+            f"Target `{series.target}` ({DESCRIPTIONS.get(info.protocol, info.protocol)}): "
+            f"{', '.join(x for x in [*named, *details] if x)}."
+        )
+    return (
         f"Target `{series.target}`: {info.model_name} ({info.task}, {info.precision}, {info.provider}), "
-        f"max batch {info.limits.max_batch_size}.",
-        "",
-    ]
+        f"max batch {info.limits.max_batch_size}."
+    )
+
+
+def _series_lines(series: Series) -> list[str]:
+    lines = [f"## {series.name.capitalize()}", "", _about(series), ""]
     for mode in ("closed", "open"):
         steps = [s for s in series.steps if s.mode == mode]
         if not steps:
@@ -499,7 +602,8 @@ def markdown(doc: Document, plots: dict[str, str], plot_prefix: str) -> str:
     if plots:
         lines += ["## Plots", ""]
         for name, file in plots.items():
-            lines += [f"![{name}]({plot_prefix}{file})", ""]
+            caption = PLOT_CAPTIONS.get(name)
+            lines += [*([f"{caption}", ""] if caption else []), f"![{name}]({plot_prefix}{file})", ""]
     lines += ["## Machine and versions", ""]
     m = doc.machine
     start = list(m.load_average_start) if m.load_average_start is not None else None
@@ -510,9 +614,15 @@ def markdown(doc: Document, plots: dict[str, str], plot_prefix: str) -> str:
         "- Packages: " + ", ".join(f"{k} {v}" for k, v in doc.versions.items()),
     ]
     for series in doc.series:
+        info = series.server
+        if isinstance(info, PeerInfo):
+            lines.append(
+                f"- {series.name}: {info.server or 'server not named'} at `{series.target}`, model "
+                f"{info.model_name or 'not named'} (its weights cannot be checked over its protocol)"
+            )
+            continue
         lines.append(
-            f"- {series.name}: server {series.server.server_version}, model weights sha256 "
-            f"`{series.server.weights_sha256}`"
+            f"- {series.name}: server {info.server_version}, model weights sha256 `{info.weights_sha256}`"
         )
     lines += ["", "## Method", ""]
     lines += [

@@ -66,6 +66,14 @@ class LatencySummary:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LatencyDistribution:
+    """Latency (ms) at each of `percentiles`, exact by nearest rank like LatencySummary; 100 is the max."""
+
+    percentiles: tuple[float, ...]
+    ms: tuple[float, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
 class WindowCounts:
     """One measurement window, as the stability check saw it."""
 
@@ -234,6 +242,8 @@ class StepResult:
     """Only when the plan asks for it (the overload steps)."""
     window_figures: tuple[Figures, ...] | None = field(default=None, metadata=_OPTIONAL)
     """Every window's figures, only when the plan runs every window (the soak)."""
+    latency_distribution: LatencyDistribution | None = field(default=None, metadata=_OPTIONAL)
+    """The measured calls' latency at fine percentiles: the distribution plot's data."""
 
     @property
     def offered(self) -> float:
@@ -244,12 +254,29 @@ class StepResult:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PeerInfo:
+    """What a target of another protocol (protocols.py) says of itself; recserve targets give ServerInfo."""
+
+    protocol: str
+    model_name: str
+    """"" when the target does not say."""
+    dimension: int
+    """The width of the vectors it answered the probe call with."""
+    server: str
+    """Its name and version where the protocol tells them, else ""."""
+    max_texts_per_call: int | None
+    details: dict[str, str]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Series:
     """The steps run against one target."""
 
     name: str
     target: str
-    server: ServerInfo
+    """The target's URL (a bare HOST:PORT for recserve)."""
+    protocol: str = "recserve"
+    server: ServerInfo | PeerInfo
     steps: tuple[StepResult, ...]
 
 
@@ -568,6 +595,70 @@ class FleetResult:
     load_step: LoadStep
 
 
+# --- the GPU check --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParityCheck:
+    """The fp16 variant on the checked provider against a reference, on the parity texts (export's gate)."""
+
+    against: str
+    texts: int
+    min_cosine: float | None
+    mean_cosine: float | None
+    max_abs_diff: float | None
+    """Cross-encoders: the largest logit difference."""
+    threshold: float
+    batch_invariance: float | None
+    """Largest difference of a text alone against the same text in a padded batch of 32."""
+    batch_invariance_threshold: float | None
+    accurate: bool
+    invariant: bool
+    worst: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class IoBindingCheck:
+    """Runs of the server's own runner (recserve.runner.Runner) on the provider, counted at the session."""
+
+    provider: str
+    expected: bool
+    """IO binding is the CUDA path; the CPU provider runs without it."""
+    bound_runs: int
+    plain_runs: int
+
+    @property
+    def ok(self) -> bool:
+        used = self.bound_runs > 0 and self.plain_runs == 0
+        unused = self.bound_runs == 0 and self.plain_runs > 0
+        return used if self.expected else unused
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuCheckResult:
+    """`bench gpu-check`: fp16 on the GPU checked for parity, batch invariance, IO binding and throughput."""
+
+    device: str
+    dry_run: bool
+    """Run on the CPU provider (--device cpu): the mechanism, not a GPU's figures."""
+    gpu: str | None
+    """nvidia-smi's name, memory and driver, where it answers."""
+    provider: str
+    """Of the fp16 session the checks ran on."""
+    parity: ParityCheck
+    """Against the fp32 variant on the CPU provider."""
+    reference: ParityCheck | None
+    """Against the PyTorch reference, where torch and the checkpoint are here."""
+    reference_skipped: str | None
+    io_binding: IoBindingCheck
+    served_provider: str
+    served_precision: str
+    callers: int
+    seconds: float
+    passed: bool
+    """Parity, invariance, IO binding and the served provider all as they must be, and no call failed."""
+
+
 # --- the document -----------------------------------------------------------------------------------------
 
 
@@ -615,7 +706,7 @@ class Document:
     """Everything a run or the suite reports; results.json is `to_json` of it."""
 
     schema: str
-    kind: Literal["run", "suite", "overload", "soak", "fleet"]
+    kind: Literal["run", "suite", "overload", "soak", "fleet", "gpu-check"]
     created_at: str
     command: str
     settings: dict[str, Json]
@@ -635,3 +726,4 @@ class Document:
     overload: OverloadResult | None = field(default=None, metadata=_OPTIONAL)
     soak: SoakResult | None = field(default=None, metadata=_OPTIONAL)
     fleet: FleetResult | None = field(default=None, metadata=_OPTIONAL)
+    gpu_check: GpuCheckResult | None = field(default=None, metadata=_OPTIONAL)

@@ -19,6 +19,7 @@ from recserve.benchmarks.config import SoakConfig, settings, workload_of
 from recserve.benchmarks.loadgen import LoadSettings, run_step
 from recserve.benchmarks.overload import Subject, inconsistent, measure_capacity, open_subject
 from recserve.benchmarks.process import read_process
+from recserve.benchmarks.protocols import as_target
 from recserve.benchmarks.results import Drift, Figures, ProcessSample, SoakResult, SummaryItem
 from recserve.benchmarks.sweep import ProgressLine
 from recserve.benchmarks.workloads import Workload
@@ -81,7 +82,8 @@ async def soak(
             f"windows of {cfg.window_s:g} s"
         )
     before = read_process(subject.pid)
-    step = await run_step(plan, subject.client.stub, workload, progress=progress, on_boundary=at_boundary)
+    target = as_target(subject.client)
+    step = await run_step(plan, target, workload, progress=progress, on_boundary=at_boundary)
     after = read_process(subject.pid)
     windows = step.window_figures
     assert windows, "a soak step keeps its windows"

@@ -7,9 +7,12 @@ import math
 
 import numpy as np
 
-from recserve.benchmarks.results import LatencySummary
+from recserve.benchmarks.results import LatencyDistribution, LatencySummary
 
 PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0, 99.9)
+# The distribution plot's points: the body in steps of a quartile or so, the tail in nines; 0 and 100 are
+# the fastest and the slowest call.
+DISTRIBUTION_PERCENTILES: tuple[float, ...] = (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 100)
 
 
 def nearest_rank(sorted_values: np.ndarray, q: float) -> float:
@@ -31,6 +34,17 @@ def latency_summary(latencies_s: np.ndarray) -> LatencySummary:
     p50, p90, p99, p99_9 = (round(nearest_rank(ms, q), 3) for q in PERCENTILES)
     return LatencySummary(
         p50=p50, p90=p90, p99=p99, p99_9=p99_9, max=round(float(ms[-1]), 3), mean=round(float(ms.mean()), 3)
+    )
+
+
+def latency_distribution(latencies_s: np.ndarray) -> LatencyDistribution | None:
+    """Milliseconds at DISTRIBUTION_PERCENTILES, by nearest rank; None when there are no samples."""
+    if latencies_s.size == 0:
+        return None
+    ms = np.sort(latencies_s * 1000.0)
+    return LatencyDistribution(
+        percentiles=DISTRIBUTION_PERCENTILES,
+        ms=tuple(round(nearest_rank(ms, q), 3) for q in DISTRIBUTION_PERCENTILES),
     )
 
 

@@ -5,26 +5,44 @@ the raw limit first (nothing else on the cores); lone calls interleaved between 
 baseline (bare.py) and the default server; the default server's closed-loop sweep and open-loop sweep at
 fractions of the peak; paired rounds for the efficiency figure (a raw pass, then a window on the default
 server and on one that runs one batch at a time); then a server with batching off (max_batch_size=1) at
-the comparison points; last, unless turned off, the overload section (overload.py) on a fresh default
-server.
+the comparison points; a server of two models (the suite's model twice), each alone and both at once;
+last, unless turned off, the overload section (overload.py) on a fresh default server. The default server
+also takes the lone calls and the paired rounds over its KServe v2 service, for the ratio of the two
+protocols on one server.
+
+Peers (`--peer NAME=URL`: servers of any protocol in protocols.py, already running) join the same run:
+checked before anything is measured, then in the lone calls and the paired rounds beside the default
+server, and swept like it (closed loop at the same callers, open loop at fractions of their own peak).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-import grpc
 import numpy as np
 
 from recserve.benchmarks import report, stats
-from recserve.benchmarks.config import OverloadSettings, SuiteConfig, settings, workload_of
+from recserve.benchmarks.config import OverloadSettings, PeerSpec, SuiteConfig, settings, workload_of
 from recserve.benchmarks.overload import Subject, measure_overload, overload_sections, overload_summary
+from recserve.benchmarks.protocols import (
+    DESCRIPTIONS,
+    Endpoint,
+    RecserveTarget,
+    Target,
+    TargetInfo,
+    as_target,
+    open_target,
+    parse_endpoint,
+)
+from recserve.benchmarks.recorder import CODE_NAMES, OK
 from recserve.benchmarks.results import (
     Document,
     LoneCalls,
@@ -39,7 +57,7 @@ from recserve.benchmarks.results import (
 from recserve.benchmarks.sweep import ProgressLine, sweep
 from recserve.benchmarks.targets import TargetError, check_target, connected
 from recserve.benchmarks.workloads import Workload
-from recserve.client import AsyncClient, ServerInfo
+from recserve.client import ServerInfo
 from recserve.v1 import inference_pb2 as pb
 
 if TYPE_CHECKING:
@@ -62,10 +80,19 @@ ONE_AT_A_TIME = "one batch at a time"
 BATCHING_OFF = "batching off"
 # The overload section's server: the default one, started fresh so that no earlier section's load lingers.
 OVERLOAD = "overload"
+# The default server again, over its KServe v2 / Open Inference Protocol service (same port, same engine).
+KSERVE = "batching on, KServe v2"
+KSERVE_TARGET = 0.95
+# A server of two models (the suite's model twice, under two names), loaded alone and at once.
+TWO_MODELS = "two models"
+SECOND_MODEL = "second"
+TWO_MODELS_TARGET = 0.4
+# The suite's own parties: a peer (--peer NAME=URL) takes another name.
+PARTIES = (RAW, BARE, DEFAULT, KSERVE, ONE_AT_A_TIME, BATCHING_OFF, OVERLOAD)
 
 
 async def lone_calls(
-    cfg: SuiteConfig, workload: Workload, model: RawModel, targets: Sequence[tuple[str, AsyncClient]]
+    cfg: SuiteConfig, workload: Workload, model: RawModel, targets: Sequence[tuple[str, Target]]
 ) -> LoneCalls:
     """The lone-call overhead with the machine's drift taken out: each text goes, one call at a time, to the
     raw model in this process and to every target, in an order that rotates per text. A VM that drifts by
@@ -73,25 +100,24 @@ async def lone_calls(
     the same minutes. Every party stops its ORT threads spinning after a run (runtime.py), so none of them
     slows the next.
     """
-    embeds = [m for m in workload.messages if isinstance(m, pb.EmbedRequest)]
-    messages = embeds[: LONE_WARMUP_CALLS + cfg.singles]
+    # (index in the ring, texts): each target sends its own prebuilt form of the same call.
+    rows = [(i, list(m.texts)) for i, m in enumerate(workload.messages) if isinstance(m, pb.EmbedRequest)]
+    rows = rows[: LONE_WARMUP_CALLS + cfg.singles]
     names = [RAW, *(name for name, _ in targets)]
-    stubs = dict(targets)
+    calls = {name: target.calls(workload) for name, target in targets}
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    for index, message in enumerate(messages):
+    for index, (ring, texts) in enumerate(rows):
         turn = index % len(names)
         for name in [*names[turn:], *names[:turn]]:
             started = time.perf_counter()
             if name == RAW:
                 # On this thread, blocking the loop on purpose: the calls take turns, nothing else is
                 # waiting, and a hop to a worker thread would add to the reference what it is compared with.
-                model.run(list(message.texts))
+                model.run(texts)
             else:
-                try:
-                    await stubs[name].stub.Embed(message, timeout=cfg.load.deadline_s)
-                except grpc.aio.AioRpcError as exc:
-                    failure = f"{exc.code().name} {exc.details()}"
-                    raise TargetError(f"{name}: a lone call failed: {failure}") from None
+                code, _ = await calls[name].send(ring, cfg.load.deadline_s)
+                if code != OK:
+                    raise TargetError(f"{name}: a lone call failed: {CODE_NAMES.get(code, code)}")
             if index >= LONE_WARMUP_CALLS:
                 seconds[name].append(time.perf_counter() - started)
     latency = {name: stats.latency_summary(np.array(seconds[name])) for name in names}
@@ -108,6 +134,7 @@ async def lone_calls(
 
 
 def lone_section(lone: LoneCalls) -> list[str]:
+    peers = [f"`{name}`" for name in lone.latency_ms if name not in PARTIES]
     rows = []
     for name, lat in lone.latency_ms.items():
         over = lone.overhead_ms.get(name)
@@ -115,8 +142,9 @@ def lone_section(lone: LoneCalls) -> list[str]:
     return [
         f"{lone.calls} texts of the workload, one call at a time, each to the raw model in the "
         f"benchmark's process, to `{BARE}` (a grpc.aio server that only runs the raw model in one executor "
-        "hop: no validation, batcher, metrics or logs) and to the default server, in an order that rotates "
-        "per text. Overhead is p50 minus the raw p50.",
+        "hop: no validation, batcher, metrics or logs) and to the default server"
+        + (f" and to each peer ({', '.join(peers)})" if peers else "")
+        + ", in an order that rotates per text. Overhead is p50 minus the raw p50.",
         "",
         *report.md_table(["", "p50 ms", "p90 ms", "p99 ms", "overhead ms"], rows),
     ]
@@ -125,7 +153,7 @@ def lone_section(lone: LoneCalls) -> list[str]:
 async def paired_rounds(
     cfg: SuiteConfig,
     workload: Workload,
-    targets: Sequence[tuple[str, AsyncClient, str | None]],
+    targets: Sequence[tuple[str, Target, str | None]],
     raw_pass: Callable[[], Awaitable[RawLimit]],
     progress: ProgressLine | None,
 ) -> PairedRounds:
@@ -140,9 +168,9 @@ async def paired_rounds(
         raw = (await raw_pass()).texts_per_s
         served: dict[str, Served] = {}
         turn = index % len(targets)
-        for name, client, metrics_url in [*targets[turn:], *targets[:turn]]:
+        for name, target, metrics_url in [*targets[turn:], *targets[:turn]]:
             (step,) = await sweep(
-                client,
+                target,
                 [plan],
                 workload,
                 metrics_url=metrics_url,
@@ -183,7 +211,13 @@ def paired_section(paired: PairedRounds) -> list[str]:
         f"Each round: one raw pass over the workload, then one window of {paired.callers} callers on each "
         "server (the order rotates), the other server idle. The last row is total served over total raw. "
         f"`{ONE_AT_A_TIME}` is the default server with `--max-concurrent-batches 1`: one batch at a time on "
-        "every thread, instead of a batch that starts while another runs sharing the threads with it.",
+        "every thread, instead of a batch that starts while another runs sharing the threads with it."
+        + (
+            " A peer's ratio is to this machine's raw limit of the suite's model: like for like only for a "
+            "peer that serves the same model on this machine."
+            if set(names) - set(PARTIES)
+            else ""
+        ),
         "",
         *report.md_table(header, rows),
     ]
@@ -330,9 +364,173 @@ def overload_settings(cfg: SuiteConfig) -> OverloadSettings:
     )
 
 
+@dataclass
+class Peer:
+    """A server of the suite's run that it did not start (`--peer NAME=URL`): connected and checked."""
+
+    name: str
+    target: Target
+    info: TargetInfo
+
+
+@contextlib.asynccontextmanager
+async def opened_peers(
+    specs: Sequence[PeerSpec], workload: Workload, notes: list[str]
+) -> AsyncIterator[list[Peer]]:
+    """Every peer connected and checked, before anything is measured: a wrong URL fails in seconds, not
+    after the minutes of the suite's own servers."""
+    async with contextlib.AsyncExitStack() as stack:
+        peers = []
+        for spec in specs:
+            target = await stack.enter_async_context(open_target(spec.endpoint))
+            info = await target.check(workload.spec, notes)
+            peers.append(Peer(spec.name, target, info))
+        yield peers
+
+
+async def served_sweep(
+    cfg: SuiteConfig,
+    workload: Workload,
+    target: Target,
+    *,
+    metrics_url: str | None,
+    series: str,
+    callers: Sequence[int],
+    rates: Sequence[float],
+    raw_texts_per_s: float,
+    progress: ProgressLine | None,
+) -> list[StepResult]:
+    """Closed-loop steps at `callers`, then open-loop (Poisson) steps at `rates`, beside the raw limit."""
+    seed = cfg.workload.seed
+    plans = [cfg.load.plan("closed", concurrency=c, seed=seed) for c in callers]
+    plans += [cfg.load.plan("open", rate=r, arrival="poisson", seed=seed) for r in rates]
+    return await sweep(
+        target,
+        plans,
+        workload,
+        metrics_url=metrics_url,
+        progress=progress,
+        raw_texts_per_s=raw_texts_per_s,
+        series=series,
+    )
+
+
+async def closed_then_open(
+    cfg: SuiteConfig,
+    workload: Workload,
+    target: Target,
+    *,
+    metrics_url: str | None,
+    series: str,
+    raw_texts_per_s: float,
+    progress: ProgressLine | None,
+) -> list[StepResult]:
+    """The suite's sweep of one server: the closed loop, then the open loop at fractions of the most
+    calls/s it delivered there (its own peak, so each server's curve reaches its own knee)."""
+    closed_c = sorted(set(cfg.concurrency) | set(cfg.compare))
+
+    async def steps(callers: Sequence[int], rates: Sequence[float]) -> list[StepResult]:
+        return await served_sweep(
+            cfg,
+            workload,
+            target,
+            metrics_url=metrics_url,
+            series=series,
+            callers=callers,
+            rates=rates,
+            raw_texts_per_s=raw_texts_per_s,
+            progress=progress,
+        )
+
+    closed = await steps(closed_c, ())
+    peak = max(s.measured.calls_per_s for s in closed)
+    rates = sorted({round(f * peak, 1) for f in cfg.open_fractions if f * peak >= 0.1})
+    return closed + await steps((), rates)
+
+
+def peer_summary(peers: Sequence[Series], paired: PairedRounds, lone: LoneCalls) -> dict[str, SummaryItem]:
+    """Each peer's headline figures beside the default server's: peak, efficiency, lone-call overhead."""
+    out: dict[str, SummaryItem] = {}
+    for ser in peers:
+        ok = [s for s in ser.steps if s.measured.completed]
+        if ok:
+            best = max(ok, key=lambda s: s.measured.texts_per_s)
+            m = best.measured
+            out[f"{ser.name}_peak"] = SummaryItem(
+                title=f"Peak throughput ({ser.name})",
+                value=m.texts_per_s,
+                unit=" texts/s",
+                digits=1,
+                how=f"{ser.target}, {best.label}: p50 {m.latency_ms.p50}, p99 {m.latency_ms.p99} ms",
+            )
+        eff = paired.efficiency.get(ser.name)
+        if eff is not None:
+            out[f"{ser.name}_efficiency"] = SummaryItem(
+                title=f"Efficiency at {paired.callers} callers ({ser.name})",
+                value=eff,
+                how="served over raw texts/s, paired rounds (below), as for the default server",
+            )
+        over = lone.overhead_ms.get(ser.name)
+        if over is not None:
+            out[f"{ser.name}_lone_overhead"] = SummaryItem(
+                title=f"Lone-call overhead ({ser.name})",
+                value=over,
+                unit=" ms",
+                digits=3,
+                how=f"p50 of a lone call ({lone.latency_ms[ser.name].p50} ms) minus the raw p50, interleaved",
+            )
+    return out
+
+
+def servers_section(
+    cfg: SuiteConfig, series: Sequence[Series], paired: PairedRounds, lone: LoneCalls
+) -> list[str]:
+    """One row per server of the run: the same workload and loops against each."""
+    load_c = max(cfg.compare)
+    rows = []
+    for ser in series:
+        ok = [s for s in ser.steps if s.measured.completed]
+        best = max(ok, key=lambda s: s.measured.texts_per_s, default=None)
+        busy = _closed_at(ser.steps, load_c)
+        lat = lone.latency_ms.get(ser.name)
+        eff = paired.efficiency.get(ser.name)
+        rows.append(
+            [
+                ser.name,
+                f"`{ser.target}`",
+                DESCRIPTIONS.get(ser.protocol, ser.protocol),
+                "-" if best is None else f"{best.measured.texts_per_s:.1f} ({best.label})",
+                "-" if busy is None else f"{busy.measured.texts_per_s:.1f}",
+                "-" if busy is None else str(busy.measured.latency_ms.p50),
+                "-" if busy is None else str(busy.measured.latency_ms.p99),
+                "-" if eff is None else str(eff),
+                "-" if lat is None else str(lat.p50),
+            ]
+        )
+    header = [
+        "server",
+        "target",
+        "protocol",
+        "peak texts/s",
+        f"texts/s at {load_c}",
+        f"p50 ms at {load_c}",
+        f"p99 ms at {load_c}",
+        "efficiency",
+        "lone p50 ms",
+    ]
+    return [
+        "The same workload, loops and windows against every server; `efficiency` from the paired rounds, "
+        "`lone p50` from the interleaved lone calls. Peers are measured as they run: only recserve servers "
+        "give the server-side figures (batch sizes, padding).",
+        "",
+        *report.md_table(header, rows),
+    ]
+
+
 async def run_suite(cfg: SuiteConfig, err: TextIO | None = None) -> int:
     """The suite after its flags were checked: returns the exit code. Raises ConfigError when the workload
-    cannot be built, TargetError or ServerStartError when a server it starts cannot take the load."""
+    cannot be built, TargetError or ServerStartError when a server it starts (or a peer) cannot take the
+    load."""
     err = err or sys.stderr
     from recserve.benchmarks.baseline import RawModel
 
@@ -343,12 +541,16 @@ async def run_suite(cfg: SuiteConfig, err: TextIO | None = None) -> int:
         workload=workload.describe(),
         reproduce_hint="`make bench` runs this suite on the default model (MODEL_REPO in the Makefile).",
     )
-    if progress is not None:
-        progress.finish(
-            f"raw limit: {len(workload.texts)} texts, {cfg.threads} threads, {cfg.raw_repeats} passes"
+    notes: list[str] = []
+    async with opened_peers(cfg.peers, workload, notes) as peers:
+        if progress is not None:
+            progress.finish(
+                f"raw limit: {len(workload.texts)} texts, {cfg.threads} threads, {cfg.raw_repeats} passes"
+            )
+        model = await asyncio.to_thread(
+            RawModel, cfg.model_repo, threads=cfg.threads, query=workload.texts[0]
         )
-    model = await asyncio.to_thread(RawModel, cfg.model_repo, threads=cfg.threads, query=workload.texts[0])
-    return await _measure(cfg, workload, model, doc, progress)
+        return await _measure(cfg, workload, model, replace(doc, notes=tuple(notes)), peers, progress)
 
 
 async def _measure(
@@ -356,6 +558,7 @@ async def _measure(
     workload: Workload,
     model: RawModel,
     doc: Document,
+    peers: Sequence[Peer],
     progress: ProgressLine | None,
 ) -> int:
     from recserve.benchmarks.baseline import raw_limit
@@ -365,79 +568,248 @@ async def _measure(
         return await asyncio.to_thread(raw_limit, model, workload.texts, repeats=repeats, singles=singles)
 
     raw = await measure_raw(cfg.raw_repeats, cfg.singles)
-    seed = cfg.workload.seed
-    closed_c = sorted(set(cfg.concurrency) | set(cfg.compare))
 
     @contextlib.asynccontextmanager
     async def started(
         name: str, *extra: str, bare: bool = False
-    ) -> AsyncIterator[tuple[LocalServer, AsyncClient, ServerInfo]]:
+    ) -> AsyncIterator[tuple[LocalServer, RecserveTarget, ServerInfo]]:
         """A server of this suite in a child process, with its log under out/logs, connected and checked."""
         log_path = cfg.out / "logs" / f"server-{name.replace(' ', '-')}.log"
         server = local_server(cfg.model_repo, threads=cfg.threads, log_path=log_path, extra=extra, bare=bare)
         async with server as srv, connected(srv.address) as client:
-            yield srv, client, await check_target(client, srv.address)
+            info = await check_target(client, srv.address)
+            yield srv, as_target(client, srv.metrics_url), info
 
-    async def served_sweep(
-        client: AsyncClient,
-        metrics_url: str | None,
-        series: str,
-        callers: Sequence[int],
-        rates: Sequence[float],
-    ) -> list[StepResult]:
-        """Closed-loop steps at `callers`, then open-loop (Poisson) steps at `rates`, beside the raw limit."""
-        plans = [cfg.load.plan("closed", concurrency=c, seed=seed) for c in callers]
-        plans += [cfg.load.plan("open", rate=r, arrival="poisson", seed=seed) for r in rates]
-        return await sweep(
-            client,
-            plans,
+    def sweep_of(target: Target, series: str) -> Awaitable[list[StepResult]]:
+        return closed_then_open(
+            cfg,
             workload,
-            metrics_url=metrics_url,
-            progress=progress,
-            raw_texts_per_s=raw.texts_per_s,
+            target,
+            metrics_url=target.metrics_url,
             series=series,
+            raw_texts_per_s=raw.texts_per_s,
+            progress=progress,
         )
 
-    async with started(DEFAULT) as (srv, client, info):
-        async with started(BARE, bare=True) as (_, bare_client, _):
+    peer_targets = [(p.name, p.target) for p in peers]
+    async with (
+        started(DEFAULT) as (srv, target, info),
+        open_target(parse_endpoint(f"kserve-v2://{srv.address}")) as kserve_target,
+    ):
+        await kserve_target.check(workload.spec, [])
+        async with started(BARE, bare=True) as (_, bare_target, _):
             if progress is not None:
-                progress.finish(f"lone calls: {cfg.singles} texts, each to {RAW}, {BARE} and {DEFAULT}")
-            lone = await lone_calls(cfg, workload, model, [(BARE, bare_client), (DEFAULT, client)])
-        on = await served_sweep(client, srv.metrics_url, DEFAULT, closed_c, ())
-        peak = max(s.measured.calls_per_s for s in on)
-        rates = sorted({round(f * peak, 1) for f in cfg.open_fractions if f * peak >= 0.1})
-        on += await served_sweep(client, srv.metrics_url, DEFAULT, (), rates)
+                names = ", ".join([RAW, BARE, DEFAULT, KSERVE, *(p.name for p in peers)])
+                progress.finish(f"lone calls: {cfg.singles} texts, each to {names}")
+            lone = await lone_calls(
+                cfg,
+                workload,
+                model,
+                [(BARE, bare_target), (DEFAULT, target), (KSERVE, kserve_target), *peer_targets],
+            )
+        on = await sweep_of(target, DEFAULT)
         on_series = Series(name=DEFAULT, target=srv.address, server=info, steps=tuple(on))
-        async with started(ONE_AT_A_TIME, "--max-concurrent-batches", "1") as (one, one_client, _):
+        peer_series = [
+            Series(
+                name=p.name,
+                target=p.target.name,
+                protocol=p.target.endpoint.protocol,
+                server=p.info,
+                steps=tuple(await sweep_of(p.target, p.name)),
+            )
+            for p in peers
+        ]
+        async with started(ONE_AT_A_TIME, "--max-concurrent-batches", "1") as (one, one_target, _):
             paired = await paired_rounds(
                 cfg,
                 workload,
-                [(DEFAULT, client, srv.metrics_url), (ONE_AT_A_TIME, one_client, one.metrics_url)],
+                [
+                    (DEFAULT, target, srv.metrics_url),
+                    (KSERVE, kserve_target, srv.metrics_url),
+                    (ONE_AT_A_TIME, one_target, one.metrics_url),
+                    *((p.name, p.target, p.target.metrics_url) for p in peers),
+                ],
                 lambda: measure_raw(1, 1),
                 progress,
             )
-    async with started(BATCHING_OFF, "--max-batch-size", "1") as (srv, client, info_off):
-        off = await served_sweep(client, srv.metrics_url, BATCHING_OFF, cfg.compare, ())
+    async with started(BATCHING_OFF, "--max-batch-size", "1") as (srv, target, info_off):
+        off = await served_sweep(
+            cfg,
+            workload,
+            target,
+            metrics_url=srv.metrics_url,
+            series=BATCHING_OFF,
+            callers=cfg.compare,
+            rates=(),
+            raw_texts_per_s=raw.texts_per_s,
+            progress=progress,
+        )
         off_series = Series(name=BATCHING_OFF, target=srv.address, server=info_off, steps=tuple(off))
+    # At info, so that its log has the `model loaded` lines with each model's memory.
+    extra_model = ("--model", f"{SECOND_MODEL}={cfg.model_repo}", "--log-level", "info")
+    async with started(TWO_MODELS, *extra_model) as (two, _, _):
+        models = await two_models(cfg, workload, two, progress)
     overload = None
     if cfg.overload:
-        async with started(OVERLOAD) as (srv, client, info_over):
-            subject = Subject(srv.address, client, info_over, srv.metrics_url, srv.pid)
+        async with started(OVERLOAD) as (srv, target, info_over):
+            subject = Subject(srv.address, target.client, info_over, srv.metrics_url, srv.pid)
             overload = await measure_overload(subject, workload, overload_settings(cfg), progress)
+    compared = (
+        {"Servers compared": servers_section(cfg, [on_series, *peer_series], paired, lone)}
+        if peer_series
+        else {}
+    )
     done = replace(
         doc,
         raw=raw,
         lone=lone,
         paired=paired,
-        series=(on_series, off_series),
-        summary=summarise(cfg, on, off, paired, lone) | (overload_summary(overload) if overload else {}),
+        series=(on_series, off_series, *peer_series),
+        summary=summarise(cfg, on, off, paired, lone)
+        | kserve_summary(paired, lone)
+        | models.summary()
+        | peer_summary(peer_series, paired, lone)
+        | (overload_summary(overload) if overload else {}),
         sections={
+            **compared,
             "Lone calls, interleaved": lone_section(lone),
             f"Efficiency at {paired.callers} callers, paired rounds": paired_section(paired),
             "Batching on against off": comparison_section(cfg, on, off),
+            "Two models in one server": models.section(),
             **(overload_sections(overload) if overload else {}),
         },
         overload=overload,
     )
     report.publish(done, cfg.out, cfg.markdown, cfg.p99_target_ms)
     return 0
+
+
+def kserve_summary(paired: PairedRounds, lone: LoneCalls) -> dict[str, SummaryItem]:
+    """The default server over KServe v2 against itself over recserve.v1, in the same rounds."""
+    v1, v2 = (sum(r.served[name].texts_per_s for r in paired.rounds) for name in (DEFAULT, KSERVE))
+    ratio = round(v2 / v1, 3) if v1 else None
+    lone_v1, lone_v2 = lone.latency_ms.get(DEFAULT), lone.latency_ms.get(KSERVE)
+    lone_text = (
+        f"; lone-call p50 {lone_v2.p50} ms over KServe v2, {lone_v1.p50} ms over recserve.v1"
+        if lone_v1 is not None and lone_v2 is not None
+        else ""
+    )
+    return {
+        "kserve_ratio": SummaryItem(
+            title=f"KServe v2 throughput at {paired.callers} callers over recserve.v1's",
+            value=ratio,
+            digits=3,
+            target=f">= {KSERVE_TARGET}",
+            met=None if ratio is None else ratio >= KSERVE_TARGET,
+            how=(
+                "the default server's texts/s over `inference.GRPCInferenceService/ModelInfer` "
+                "(tritonclient) over its texts/s over `recserve.v1.Inference/Embed`, totals of the paired "
+                f"rounds{lone_text}"
+            ),
+        )
+    }
+
+
+@dataclass(frozen=True)
+class TwoModels:
+    """Each model's texts/s alone and with the other under the same load at once, and its memory."""
+
+    callers: int
+    names: tuple[str, str]
+    alone: dict[str, float]
+    together: dict[str, float]
+    # From the server's "model loaded" log lines: MiB of RSS before and after each model's load.
+    rss_mib: dict[str, tuple[int | None, int | None]]
+
+    def kept(self, name: str) -> float | None:
+        return round(self.together[name] / self.alone[name], 3) if self.alone.get(name) else None
+
+    def summary(self) -> dict[str, SummaryItem]:
+        kept = [self.kept(name) for name in self.names]
+        lowest = None if None in kept else min(k for k in kept if k is not None)
+        return {
+            "two_models": SummaryItem(
+                title="Two models at once: throughput each keeps, lowest",
+                value=lowest,
+                digits=3,
+                target=f">= {TWO_MODELS_TARGET} of its own alone",
+                met=None if lowest is None else lowest >= TWO_MODELS_TARGET,
+                how=(
+                    f"{self.callers} closed-loop callers on each model of one server, one window alone "
+                    "and one with both loaded at once: "
+                    + ", ".join(
+                        f"{n} {self.alone[n]:.1f} -> {self.together[n]:.1f} texts/s" for n in self.names
+                    )
+                ),
+            )
+        }
+
+    def section(self) -> list[str]:
+        rows = [
+            [
+                name,
+                f"{self.alone[name]:.1f}",
+                f"{self.together[name]:.1f}",
+                str(self.kept(name)),
+                *(str(v) if v is not None else "-" for v in self.rss_mib.get(name, (None, None))),
+            ]
+            for name in self.names
+        ]
+        return [
+            f"One server of two models: the suite's model twice, under two names (`--model-repo` and "
+            f"`--model {SECOND_MODEL}=...`), each with its own tokenizer and model threads and batcher. Each "
+            f"model alone takes {self.callers} closed-loop callers for one window, the other idle; then both "
+            f"take {self.callers} callers each at once. RSS is the server's, from its `model loaded` log "
+            "lines, before and after each model's load.",
+            "",
+            *report.md_table(
+                ["model", "alone texts/s", "together texts/s", "kept", "RSS before MiB", "RSS after MiB"],
+                rows,
+            ),
+        ]
+
+
+async def two_models(
+    cfg: SuiteConfig, workload: Workload, server: LocalServer, progress: ProgressLine | None
+) -> TwoModels:
+    callers = max(cfg.compare)
+    names = (cfg.model_repo.name, SECOND_MODEL)
+    plan = replace(cfg.load, max_windows=1).plan("closed", concurrency=callers, seed=cfg.workload.seed)
+    async with contextlib.AsyncExitStack() as stack:
+        targets = {
+            name: await stack.enter_async_context(
+                open_target(Endpoint("recserve", server.address, model=name))
+            )
+            for name in names
+        }
+        for each in targets.values():
+            await each.check(workload.spec, [])
+
+        async def window(name: str, label: str) -> float:
+            (step,) = await sweep(
+                targets[name],
+                [plan],
+                workload,
+                metrics_url=None,
+                progress=progress,
+                series=f"{label}, {name}",
+            )
+            return step.measured.texts_per_s
+
+        alone = {name: await window(name, "alone") for name in names}
+        at_once = await asyncio.gather(*(window(name, "together") for name in names))
+    rss = await asyncio.to_thread(_loaded_rss, server.log_path)
+    return TwoModels(callers, names, alone, dict(zip(names, at_once, strict=True)), rss)
+
+
+def _loaded_rss(log_path: Path) -> dict[str, tuple[int | None, int | None]]:
+    """Each model's RSS before and after its load, from the server's JSON log."""
+    out: dict[str, tuple[int | None, int | None]] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "model loaded":
+            out[str(event.get("model"))] = (event.get("rss_before_mib"), event.get("rss_after_mib"))
+    return out

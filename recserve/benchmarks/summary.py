@@ -54,8 +54,16 @@ def figures(
         calls_per_s=stats.rate(int(arrived.sum()), seconds),
         texts_per_s=stats.rate(int(texts_per[calls.index[arrived]].sum()), seconds),
         tokens_per_s=stats.rate(int(tokens_per[calls.index[arrived]].sum()), seconds),
-        latency_ms=stats.latency_summary(calls.end[done] - calls.sched[done]),
+        latency_ms=stats.latency_summary(latencies(calls, first, last)),
     )
+
+
+def latencies(calls: CallTable, first: int, last: int) -> np.ndarray:
+    """Seconds from due to answer of the successful calls that belong to windows `first`..`last`: what
+    every latency figure of a step is computed from."""
+    done = calls.within(first, last) & (calls.code == OK)
+    lat: np.ndarray = calls.end[done] - calls.sched[done]
+    return lat
 
 
 def warmup(calls: CallTable) -> Warmup:

@@ -11,10 +11,10 @@ from dataclasses import replace
 from typing import TextIO
 
 from recserve.benchmarks.loadgen import BoundaryHook, StepPlan, run_step
+from recserve.benchmarks.protocols import Target
 from recserve.benchmarks.results import StepResult
 from recserve.benchmarks.scrape import ScrapeError, Snapshot, fetch_async, server_view
 from recserve.benchmarks.workloads import Workload
-from recserve.client import AsyncClient
 
 
 class ProgressLine:
@@ -43,7 +43,7 @@ class ProgressLine:
 
 
 async def sweep(
-    client: AsyncClient,
+    target: Target,
     plans: Sequence[StepPlan],
     workload: Workload,
     *,
@@ -52,12 +52,13 @@ async def sweep(
     raw_texts_per_s: float | None = None,
     series: str = "",
 ) -> list[StepResult]:
-    """Runs the steps in order against one target; each step gets the server's view and the raw ratio."""
+    """Runs the steps in order against one target; each step gets the server's view (when `metrics_url`
+    names a recserve server's metrics) and the raw ratio."""
     results = []
     for plan in plans:
         snaps: dict[int, Snapshot] = {}
         hook = None if metrics_url is None else _scraper(metrics_url, snaps)
-        step = await run_step(plan, client.stub, workload, progress=progress, on_boundary=hook)
+        step = await run_step(plan, target, workload, progress=progress, on_boundary=hook)
         first, last = step.boundaries
         if first in snaps and last in snaps:
             step = replace(step, server=server_view(snaps[first], snaps[last]))

@@ -36,8 +36,10 @@ async def connected(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     token_file: Path | None = None,
+    model: str = "",
 ) -> AsyncIterator[AsyncClient]:
-    """The client the harness loads `target` through: TLS with a CA, a client certificate, a token."""
+    """The client the harness loads `target` through: TLS with a CA, a client certificate, a token, and the
+    served model its calls name ("" = the server's default)."""
 
     def read(path: Path | None) -> bytes | None:
         return None if path is None else path.read_bytes()
@@ -52,6 +54,7 @@ async def connected(
         certificate_chain=chain,
         private_key=key,
         token=None if token is None else token.decode().strip(),
+        model=model,
     ) as client:
         yield client
 
