@@ -23,7 +23,7 @@ import numpy as np
 
 from recserve.benchmarks.stats import nearest_rank
 from recserve.catalog.items import AttributeColumn, Items
-from recserve.catalog.search import CHUNK_ROWS, exact_top_k, recall_at_k
+from recserve.catalog.search import CHUNK_ROWS, exact_top_k, recall_at_k, to_float32
 from recserve.catalog.store import Catalog, CatalogWriter, Dtype, ModelInfo
 from recserve.tensors import FloatArray
 
@@ -139,7 +139,7 @@ def versus_bare(catalog: Catalog, queries: FloatArray, callers: int, rounds: int
         # What a float16 catalog adds: converting its blocks, as exact search does, and nothing else.
         for start in range(0, len(matrix), CHUNK_ROWS):
             rows = catalog.vectors[start : start + CHUNK_ROWS]
-            np.copyto(block[: len(rows)], rows)
+            to_float32(rows, block[: len(rows)])
 
     figures: dict[str, dict[str, Any]] = {
         "bare_float32": _summary(_timed(bare, rounds), callers),

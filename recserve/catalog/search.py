@@ -9,7 +9,7 @@ row number decides). Every function is pure over an immutable Catalog: safe from
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -232,7 +232,7 @@ def exact_top_k(
         block = vectors[start:stop]
         if block_buffer is not None:
             converted = block_buffer[:size]
-            np.copyto(converted, block)
+            to_float32(block, converted)
             block = converted
         scores: FloatArray = queries @ block.T
         for condition, members in groups.values():
@@ -260,6 +260,28 @@ def exact_top_k(
             found_rows[i].append(rows + start)
             found_scores[i].append(scores[i, rows])
     return [_cut(np.concatenate(found_rows[i]), np.concatenate(found_scores[i]), ks[i]) for i in range(q)]
+
+
+def _numkong_astype() -> Callable[..., object] | None:
+    try:
+        import numkong  # the ann extra brings it (usearch's own kernels)
+    except ImportError:
+        return None
+    cast: Callable[..., object] = numkong.astype
+    return cast
+
+
+# NOTE: numpy converts float16 to float32 one element at a time (about 1.2 ns each here: 0.46 s per 1M x 384
+# catalog, ten times the float32 product itself); numkong's SIMD cast gives the same bits about three times
+# faster. Exact either way: the scores, and so the results, are identical.
+_FAST_CAST = _numkong_astype()
+
+
+def to_float32(block: np.ndarray, out: FloatArray) -> None:
+    if _FAST_CAST is not None and block.dtype == np.float16 and block.flags.c_contiguous:
+        _FAST_CAST(block, "float32", out=out)
+    else:
+        np.copyto(out, block)
 
 
 def _cut(rows: IntArray, scores: FloatArray, k: int) -> tuple[IntArray, FloatArray]:
