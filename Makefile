@@ -55,6 +55,12 @@ GPU_PYTHON ?= $(BIN)/python
 gpu-check:
 	$(GPU_PYTHON) -m recserve.cli bench gpu-check --model-repo $(MODEL_REPO) --out benchmarks/gpu
 
+# The catalog build against the raw limit, and Recommend with and without rerank through a served server:
+# benchmarks/recommend/ (RECOMMEND.md, recommend.json). Exports a random cross-encoder there once.
+.PHONY: bench-recommend
+bench-recommend: $(VENV)/.installed $(MODEL_REPO)/manifest.json
+	$(BIN)/recserve bench recommend --model-repo $(MODEL_REPO) --out benchmarks/recommend
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check recserve tests
 	$(BIN)/ruff format --check recserve tests

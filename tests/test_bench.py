@@ -880,3 +880,29 @@ def check_suite(tiny_repo: Path, tmp_path: Path, peer: str) -> None:
     for plot in ("knee", "throughput", "latency", "batch_sizes"):
         assert (tmp_path / "results" / f"{plot}.png").read_bytes().startswith(PNG_MAGIC)
         assert f"](results/{plot}.png)" in text  # linked from BENCHMARKS.md
+
+
+def test_recommend_bench_measures_the_build_and_both_pipelines(
+    tiny_repo: Path, tiny_cross_repo: Path, tmp_path: Path
+) -> None:
+    """`recserve bench recommend` on tiny models: the build against the raw limit, and Recommend with and
+    without rerank at 1 and 16 callers, every call answered, the reply's split recorded."""
+    from recserve.benchmarks.recommend_bench import RecommendBenchConfig, run_recommend_bench
+
+    cfg = RecommendBenchConfig(
+        tiny_repo, tmp_path / "out", tiny_cross_repo, items=300, seconds=0.5, threads=1
+    )
+    result = run_recommend_bench(cfg, "recserve bench recommend (test)")
+    build = result["build"]
+    assert build["items"] == 300 and build["items_per_s"] > 0 and build["ratio"] > 0
+    rows = result["served"]
+    assert [(r["pipeline"].split()[-1], r["callers"]) for r in rows] == [
+        ("retrieve", 1),
+        ("retrieve", 16),
+        ("20", 1),
+        ("20", 16),
+    ]
+    assert all(r["calls"] > 0 and r["failed"] == 0 for r in rows)
+    assert all(r["rerank_p50_ms"] == 0 for r in rows[:2]) and all(r["rerank_p50_ms"] > 0 for r in rows[2:])
+    text = (tmp_path / "out" / "RECOMMEND.md").read_text()
+    assert "## Catalog build" in text and "retrieve + rerank top 20" in text

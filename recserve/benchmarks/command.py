@@ -1,6 +1,7 @@
 """`recserve bench`: `run` load-tests a target (recserve, or a server of another protocol: protocols.py);
 `suite` benchmarks a model repository on this machine and writes BENCHMARKS.md; `overload` and `soak`
-measure a target past and below its capacity; `gpu-check` checks fp16 on a CUDA GPU.
+measure a target past and below its capacity; `gpu-check` checks fp16 on a CUDA GPU; `recommend` measures
+the catalog build and Recommend with and without rerank.
 
 `configure` imports nothing beyond argparse: `recserve --help` and `recserve serve` never pay for the harness.
 """
@@ -26,6 +27,7 @@ EXAMPLES = """examples:
   recserve bench run --target kserve-v2://127.0.0.1:8001 --model my-encoder           # Triton, KServe
   recserve bench suite --model-repo models/all-MiniLM-L6-v2 --peer tei=tei+http://127.0.0.1:8080
   recserve bench gpu-check --model-repo models/all-MiniLM-L6-v2 --out benchmarks/gpu  # CUDA + onnxruntime-gpu
+  recserve bench recommend --model-repo models/all-MiniLM-L6-v2 --out benchmarks/recommend
 """
 
 
@@ -204,6 +206,28 @@ throughput at 64 callers. Writes gpu-check.json and GPU-CHECK.md; refuses in one
 CUDA provider or a GPU. --device cpu is a dry run of the same steps on the CPU provider."""
 
 
+def _configure_recommend(sub: Any, cores: int) -> None:
+    from recserve.benchmarks import recommend_bench
+
+    p = sub.add_parser(
+        "recommend",
+        help="catalog build against the raw limit; Recommend with and without rerank",
+        description=(recommend_bench.__doc__ or "").split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model-repo", type=Path, required=True, help="the embedding model's repository")
+    p.add_argument(
+        "--cross-repo",
+        type=Path,
+        help="a cross-encoder repository for rerank (default: a random one of the embedder's shape, exported"
+        " once under --out)",
+    )
+    p.add_argument("--out", type=Path, default=Path("benchmarks/recommend"), help="RECOMMEND.md, JSON, logs")
+    p.add_argument("--items", type=int, default=4000, help="catalog items (4000)")
+    p.add_argument("--seconds", type=float, default=10.0, help="seconds per served step (10)")
+    p.add_argument("--threads", type=int, default=cores, help=f"ORT threads, server and in process ({cores})")
+
+
 def _configure_gpu_check(sub: Any, cores: int) -> None:
     p = sub.add_parser(
         "gpu-check", help="fp16 on CUDA: parity, IO binding, throughput", description=GPU_CHECK_DESCRIPTION
@@ -238,7 +262,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(
-        dest="bench_command", required=True, metavar="{run,suite,overload,soak,fleet,gpu-check}"
+        dest="bench_command", required=True, metavar="{run,suite,overload,soak,fleet,gpu-check,recommend}"
     )
     cores = os.cpu_count() or 1
 
@@ -358,6 +382,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _configure_soak(sub, cores)
     _configure_fleet(sub, cores)
     _configure_gpu_check(sub, cores)
+    _configure_recommend(sub, cores)
     parser.set_defaults(_bench_argv=None)
 
 
@@ -394,6 +419,14 @@ def run(args: argparse.Namespace) -> int:
             except Refusal as exc:
                 print(f"recserve bench gpu-check: {exc}", file=sys.stderr)
                 return EXIT_USAGE
+        if args.bench_command == "recommend":
+            from recserve.benchmarks.recommend_bench import RecommendBenchConfig, run_recommend_bench
+
+            cfg = RecommendBenchConfig(
+                args.model_repo, args.out, args.cross_repo, args.items, args.seconds, args.threads
+            )
+            run_recommend_bench(cfg, flags.command_line(args._bench_argv))
+            return 0
         from recserve.benchmarks.suite import run_suite
 
         return asyncio.run(run_suite(flags.suite_config(args, args._bench_argv)))
