@@ -81,13 +81,19 @@ class Parity(_Strict):
     # Embedding models: cosine similarity of each text's vector with the reference's.
     min_cosine: float | None = None
     mean_cosine: float | None = None
-    # Cross-encoders: largest absolute difference of a logit.
+    # Cross-encoders and classifiers: largest absolute difference of a logit.
     max_abs_diff: float | None = None
-    # Largest absolute difference between a text run alone and inside a padded batch of 32.
+    # Classifiers: the share of texts whose arg-max label is the reference's (the gate needs 1.0).
+    label_agreement: float | None = None
+    # Largest absolute difference between a text run alone and inside a length-sorted batch of up to 32
+    # texts padded to at least twice the longest of them (older exports: a batch of 32 padded to the
+    # longest parity text).
     batch_invariance: float
     provider: str = Field(min_length=1)
-    # min_cosine must reach it (embedding); max_abs_diff must stay within it (cross-encoder).
+    # min_cosine must reach it (embedding); max_abs_diff must stay within it (cross-encoder, classifier).
     threshold: Finite
+    # mean_cosine must reach it, where the precision has a bar on the mean too (fp16).
+    mean_threshold: Finite | None = None
     # batch_invariance must stay within it.
     batch_invariance_threshold: Finite | None = None
     passed: bool
@@ -99,6 +105,7 @@ class Parity(_Strict):
             "min_cosine": self.min_cosine,
             "mean_cosine": self.mean_cosine,
             "max_abs_diff": self.max_abs_diff,
+            "label_agreement": self.label_agreement,
             "batch_invariance": self.batch_invariance,
         }
         return {name: value for name, value in figures.items() if value is not None}
@@ -116,10 +123,16 @@ class Variant(_Strict):
     fused_ops: dict[str, Count]
     # Seconds to run the timing workload, per graph considered (fp32 keeps the faster one).
     timings: dict[str, NonNegative] = Field(default_factory=dict)
+    # The check that gated the variant, on `provider` where the exporting machine has it, else on the CPU
+    # (`parity.provider` says which).
     parity: Parity
-    # fp16 is checked on the CPU provider everywhere and, where the exporting machine has one, on CUDA too.
+    # The check on CUDA, where the exporting machine has a GPU (for fp16 the same as `parity`).
     parity_cuda: Parity | None = None
     notes: str = ""
+    # True: `parity` was measured on `provider`, where the variant is served. False: only a smoke test on
+    # another provider (fp16 exported without a GPU: its parity on CUDA is unmeasured; the server warns
+    # at start, see parity_warning). None: exported before this was recorded.
+    parity_measured: bool | None = None
 
 
 class Source(_Strict):
@@ -134,6 +147,11 @@ class ExportInfo(_Strict):
     steps: dict[str, NonNegative] = Field(default_factory=dict)
     # What ONNX Runtime's transformer fusion produced, whichever graph each variant then kept.
     fused_ops: dict[str, Count] = Field(default_factory=dict)
+    # The ONNX Runtime optimizer model type the fusion ran with ("bert" covers every supported family);
+    # None where no fusion ran.
+    optimizer_model_type: str | None = None
+    # What the export could not do as usual but did not fail for (attention left unfused, and why).
+    warnings: list[str] = Field(default_factory=list)
     # Variants asked for but not written, with the reason (a failed parity gate, say).
     rejected: dict[str, str] = Field(default_factory=dict)
 
@@ -185,7 +203,9 @@ class Manifest(_Strict):
                 f"pooling {self.pooling!r}: an embedding model needs one, a cross-encoder or classifier none"
             )
         if self.task == "classifier" and len(self.labels) != self.output_dim:
-            raise ValueError(f"a classifier needs one label per logit: {len(self.labels)} for {self.output_dim}")
+            raise ValueError(
+                f"a classifier needs one label per logit: {len(self.labels)} for {self.output_dim}"
+            )
         for key, variant in self.variants.items():
             if variant.precision != key:
                 raise ValueError(f"variants.{key}.precision is {variant.precision!r}; it must be {key!r}")
@@ -297,3 +317,21 @@ def verify_variant(directory: Path, variant: Variant) -> str:
             f"{variant.sha256[:12]}...; the file is corrupt or was replaced: re-export the repository"
         )
     return actual
+
+
+def parity_warning(manifest: Manifest, precision: Precision, provider: str) -> str | None:
+    """One line for the server to log at start when the variant it serves was never gated on `provider`.
+
+    The common case: fp16 exported on a machine without a GPU was only smoke-tested on the CPU, so its
+    parity on CUDA, where it runs, is unmeasured. None when the gate measured it where it runs.
+    """
+    variant = manifest.variants[precision]
+    checks = [check for check in (variant.parity, variant.parity_cuda) if check is not None]
+    if any(check.provider == provider for check in checks):
+        return None
+    where = ", ".join(sorted({check.provider for check in checks}))
+    return (
+        f"variant {precision} runs on {provider}, but the export's parity gate measured it only on {where}"
+        f"{' (a smoke test)' if variant.parity_measured is False else ''}: its parity on {provider} is "
+        "unmeasured; re-export on a machine with that provider to gate it there"
+    )

@@ -120,8 +120,9 @@ class Runner:
                 options.terminate = True
 
     def finish(self, output: np.ndarray, mask: IntArray) -> FloatArray:
-        """Raw output -> one row per item: the pooled vector (embedding) or the logits (cross-encoder)."""
-        if self.spec.task == "cross-encoder":
+        """Raw output -> one row per item: the pooled vector (embedding) or the logits (cross-encoder,
+        classifier)."""
+        if self.spec.task != "embedding":
             return np.ascontiguousarray(output, dtype=np.float32)
         assert self.spec.pooling is not None
         return tensors.pool(output, mask, self.spec.pooling)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import shutil
@@ -231,6 +232,32 @@ def test_fp32_ships_the_faster_graph(tmp_path: Path) -> None:
     assert faster_fused.files["fp32"].name == "fused.onnx" and faster_fused.graphs["fp32"] == "fused"
     assert faster_plain.files["fp32"].name == "plain.onnx" and faster_plain.graphs["fp32"] == "plain"
     assert unfused.files["fp32"].name == "plain.onnx" and "matched nothing" in unfused.notes["fp32"]
+
+
+def test_gate_batches_are_length_sorted_bounded_and_padded_to_double() -> None:
+    lengths = [3] * 100 + [17, 40, 90, 150, 260] * 6 + [384] * 12
+    batches = parity.sorted_batches(lengths)
+    members = sorted(i for batch, _ in batches for i in batch)
+    assert members == list(range(len(lengths))), "every text once"
+    for batch, padder in batches:
+        longest = max(lengths[i] for i in batch)
+        assert len(batch) <= parity.INVARIANCE_BATCH - 1
+        assert (len(batch) + 1) * lengths[padder] <= parity.BATCH_TOKENS
+        assert lengths[padder] >= min(2 * longest, max(lengths)), "padded to at least double"
+    # Sorted: no batch holds a text shorter than one of an earlier batch.
+    spans = [(min(lengths[i] for i in b), max(lengths[i] for i in b)) for b, _ in batches]
+    assert all(hi <= lo for (_, hi), (lo, _) in itertools.pairwise(spans))
+
+
+def test_timing_sample_spans_the_lengths() -> None:
+    from recserve.export import timing
+
+    items = [f"text {i}" for i in range(202)]
+    lengths = [(i * 37) % 300 for i in range(202)]
+    sample = timing.sample(items, lengths)
+    chosen = [lengths[items.index(t)] for t in sample]
+    assert len(sample) == -(-len(items) // timing.SAMPLE_STEP)
+    assert max(chosen) == max(lengths) and min(chosen) <= sorted(lengths)[timing.SAMPLE_STEP]
 
 
 # --- the cross-encoder path ------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ Each step prints what it does and how long it took; the durations land in the ma
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from recserve.export import int8, onnx_export, parity, repository, timing
-from recserve.export.checkpoint import Checkpoint, inspect_checkpoint, weights_sha256
+from recserve.export.checkpoint import Checkpoint, inspect_checkpoint, resolve_max_length, weights_sha256
 from recserve.export.errors import ExportError, ParityFailure
 from recserve.export.parity_texts import parity_pairs, parity_texts
 from recserve.manifest import (
@@ -84,8 +86,26 @@ class Progress:
         self.echo(f"[export] {what} ...")
         start = time.perf_counter()
         yield
+        release_memory()
         self.steps[key] = round(time.perf_counter() - start, 3)
         self.echo(f"[export]   done in {self.steps[key]:.2f} s")
+
+
+def release_memory() -> None:
+    """Collects garbage and hands the freed heap back to the system.
+
+    NOTE: each step builds and drops protobufs and arrays the size of the model (a base-size graph is
+    440 MB, and fusion or the fp16 conversion hold two or three copies at once). glibc keeps much of such
+    freed memory in its heap, so without malloc_trim what the fusion left behind stayed resident under
+    the fp16 and int8 steps: a base-size export peaked at 5.2 GB, and 3.9 GB with the trim (before the
+    fusion's own copies were cut, onnx_export._light_shapes).
+    """
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return
+    libc.malloc_trim(0)
 
 
 def export(options: ExportOptions, echo: Callable[[str], None] = print) -> ExportResult:
@@ -94,42 +114,42 @@ def export(options: ExportOptions, echo: Callable[[str], None] = print) -> Expor
     with progress.step("inspect", f"inspecting checkpoint {options.model}"):
         checkpoint = inspect_checkpoint(options.model)
         task = options.task or checkpoint.default_task()
-        max_length = _resolve_max_length(checkpoint, options.max_length)
-        if task == "cross-encoder" and not checkpoint.is_classifier:
-            raise ExportError(
-                f"task cross-encoder needs a *ForSequenceClassification checkpoint; {options.model} is "
-                f"{checkpoint.architecture}"
-            )
+        max_length = resolve_max_length(checkpoint, options.max_length)
+        _check_task(checkpoint, task, options.model)
         repository.check_target(options.out, options.force)
         echo(
             f"[export]   {checkpoint.architecture} ({checkpoint.layout} layout), task {task}, max length "
             f"{max_length}, pooling {checkpoint.pooling if task == 'embedding' else 'none'}, normalize "
             f"{checkpoint.normalize if task == 'embedding' else False}"
+            + (f", labels {', '.join(checkpoint.labels)}" if task == "classifier" else "")
         )
-    items: list[Item] = list(parity_texts()) if task == "embedding" else list(parity_pairs())
+    items: list[Item] = list(parity_pairs()) if task == "cross-encoder" else list(parity_texts())
     with repository.Staging(options.out) as staging:
         work = staging.path / ".work"
         work.mkdir()
-        with progress.step("reference", f"running the PyTorch reference on {len(items)} parity texts"):
-            from recserve.export.reference import Reference
-
-            reference = Reference(checkpoint, task, max_length)
-            expected = reference.run(items)
-            reference_ids = reference.token_ids(items)
-        with progress.step("onnx_export", "exporting to ONNX with optimum (dynamic batch and sequence axes)"):
-            plain, inputs = onnx_export.export_plain(checkpoint, task, work)
+        tokenizer_file = staging.path / TOKENIZER_FILE
+        # First, so that a checkpoint without a usable fast tokenizer fails before torch loads the model.
         with progress.step("tokenizer", f"writing the tokenizer (truncation at {max_length}, no padding)"):
             pad_id = repository.save_tokenizer(checkpoint.model_dir, staging.path, max_length)
             from tokenizers import Tokenizer
 
-            shipped = Tokenizer.from_file(str(staging.path / TOKENIZER_FILE))
-            parity.check_tokens([e.ids for e in shipped.encode_batch(items)], reference_ids, items)
+            shipped_ids = [e.ids for e in Tokenizer.from_file(str(tokenizer_file)).encode_batch(items)]
+        with progress.step("reference", f"running the PyTorch reference on {len(items)} parity texts"):
+            expected, reference_ids = _reference(checkpoint, task, max_length, items)
+            parity.check_tokens(shipped_ids, reference_ids, items)
+        with progress.step("onnx_export", "exporting to ONNX with optimum (dynamic batch and sequence axes)"):
+            plain, inputs, plain_ops = onnx_export.export_plain(checkpoint, task, work)
+        warnings: list[str] = []
         with progress.step("fusion", "fusing the graph with ONNX Runtime's transformer optimizer"):
             fused: Path | None = work / "fused.onnx"
             fused_ops = _fuse(plain, checkpoint, work / "fused.onnx", echo)
             if not fused_ops:
                 fused = None
             echo(f"[export]   fused operators: {fused_ops or 'none'}")
+            unfused = onnx_export.attention_warning(checkpoint, fused_ops)
+            if unfused:
+                warnings.append(unfused)
+                echo(f"[export]   warning: {unfused}")
         spec = GraphSpec(
             task=task,
             inputs=tuple(inputs),
@@ -138,18 +158,16 @@ def export(options: ExportOptions, echo: Callable[[str], None] = print) -> Expor
             normalize=checkpoint.normalize if task == "embedding" else False,
             pad_token_id=pad_id,
         )
-        tokenizer_file = staging.path / TOKENIZER_FILE
-        built = _build_variants(options.variants, plain, fused, work, progress)
+        built = _build_variants(options.variants, (plain, plain_ops), (fused, fused_ops), work, progress)
+        runners = _Runners(tokenizer_file, spec)
         timings: dict[str, dict[str, float]] = {}
         if built.candidates:
             with progress.step(
-                "timing", "timing the CPU graphs (fp32 fused vs plain, int8) on mixed lengths"
+                "timing", "timing the CPU graphs (fp32 fused vs plain, int8) on a sample of mixed lengths"
             ):
-                encoders = {
-                    name: TextRunner.open(path, tokenizer_file, spec)
-                    for name, path in built.candidates.items()
-                }
+                encoders = {name: runners.get(name, path) for name, path in built.candidates.items()}
                 timings = timing.time_graphs(encoders, items)
+                del encoders
                 for name, t in timings.items():
                     echo(
                         f"[export]   {name}: {t['batched']:.3f} s length-sorted batches, "
@@ -157,21 +175,30 @@ def export(options: ExportOptions, echo: Callable[[str], None] = print) -> Expor
                     )
         if "fp32" in options.variants:
             built.pick_fp32(timings)
+            runners.rename(built.graphs["fp32"], "fp32")
+            runners.close("plain", "fused")  # the losing graph's session
             echo(f"[export]   fp32 keeps the {built.graphs['fp32']} graph")
         variants: dict[Precision, Variant] = {}
         rejected: dict[str, str] = {}
         failures: list[str] = []
         for precision in options.variants:
-            with progress.step(f"parity_{precision}", f"parity gate for {precision} on {len(items)} texts"):
-                checks = _gate(precision, built.files[precision], tokenizer_file, spec, items, expected)
-                for check in checks.values():
-                    echo(f"[export]   {_summary(check)}")
-            failed = [parity.describe_failure(precision, c) for c in checks.values() if not c.passed]
-            failures.extend(failed)
-            if failed and not options.keep_failing:
-                rejected[precision] = "; ".join(failed)
-                continue
-            variants[precision] = _place_variant(precision, built, timings, checks, staging.path)
+            provider = _gate_provider(precision)
+            what = f"parity gate for {precision} on {len(items)} texts, {provider}"
+            if provider != PROVIDERS[precision]:
+                what += f" (a smoke test: no {PROVIDERS[precision]} here)"
+            with progress.step(f"parity_{precision}", what):
+                runner = runners.get(precision, built.files[precision], provider)
+                labelled = task == "classifier"
+                check = parity.check_variant(runner, precision, items, expected, labelled=labelled)
+                del runner
+                runners.close(precision)
+                echo(f"[export]   {_summary(check)}")
+            if not check.passed:
+                failures.append(parity.describe_failure(precision, check))
+                if not options.keep_failing:
+                    rejected[precision] = failures[-1]
+                    continue
+            variants[precision] = _place_variant(precision, built, timings, check, staging.path)
         if not variants:
             raise ParityFailure("no variant passed the parity gate: " + " | ".join(failures))
         shutil.rmtree(work)
@@ -190,12 +217,16 @@ def export(options: ExportOptions, echo: Callable[[str], None] = print) -> Expor
             inputs=list(inputs),
             output_name=spec.output_name,
             variants=variants,
+            labels=list(checkpoint.labels) if task == "classifier" else [],
+            multi_label=checkpoint.multi_label if task == "classifier" else False,
             export=ExportInfo(
                 duration_s=round(time.perf_counter() - progress.started, 3),
                 versions=_versions(),
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
                 steps=progress.steps,
                 fused_ops=fused_ops,
+                optimizer_model_type=onnx_export.OPTIMIZER_MODEL_TYPES[checkpoint.model_type],
+                warnings=warnings,
                 rejected=rejected,
             ),
         )
@@ -205,15 +236,67 @@ def export(options: ExportOptions, echo: Callable[[str], None] = print) -> Expor
     return ExportResult(manifest=manifest, failures=failures)
 
 
-def _resolve_max_length(checkpoint: Checkpoint, requested: int | None) -> int:
-    if requested is None:
-        return checkpoint.default_max_length
-    if not 2 <= requested <= checkpoint.max_positions:
+def _check_task(checkpoint: Checkpoint, task: Task, model: Path) -> None:
+    if task != "embedding" and not checkpoint.is_classifier:
         raise ExportError(
-            f"--max-length {requested} is out of range: {checkpoint.architecture} takes 2 to "
-            f"{checkpoint.max_positions} tokens"
+            f"task {task} needs a *ForSequenceClassification checkpoint; {model} is {checkpoint.architecture}"
         )
-    return requested
+    if task == "classifier" and len(checkpoint.labels) < 2:
+        raise ExportError(
+            f"task classifier needs two or more labels (id2label in config.json); {model} has "
+            f"{len(checkpoint.labels)}: export it as a cross-encoder"
+        )
+
+
+def _reference(
+    checkpoint: Checkpoint, task: Task, max_length: int, items: list[Item]
+) -> tuple[FloatArray, list[list[int]]]:
+    """The reference's outputs and token ids, computed once; the model is freed before the next step."""
+    from recserve.export.reference import Reference
+
+    reference = Reference(checkpoint, task, max_length)
+    expected = reference.run(items)
+    ids = reference.token_ids(items)
+    del reference
+    gc.collect()
+    return expected, ids
+
+
+class _Runners:
+    """One ORT session per graph, opened once and shared by the timing and the gate, closed when done.
+
+    NOTE: a base-size graph's session holds its weights plus an arena that grows to the largest batch it
+    ran (about 0.5 to 1 GB each here), so every session is closed once its variant is gated; the export
+    used to keep them all open to the end.
+    """
+
+    def __init__(self, tokenizer: Path, spec: GraphSpec) -> None:
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self._open: dict[str, TextRunner] = {}
+
+    def get(self, name: str, path: Path, provider: str = CPU) -> TextRunner:
+        runner = self._open.get(name)
+        if runner is None or runner.provider != provider:
+            runner = self._open[name] = TextRunner.open(path, self.tokenizer, self.spec, provider)
+        return runner
+
+    def rename(self, old: str, new: str) -> None:
+        if old in self._open:
+            self._open[new] = self._open.pop(old)
+
+    def close(self, *names: str) -> None:
+        for name in names:
+            self._open.pop(name, None)
+        gc.collect()
+
+
+def _gate_provider(precision: Precision) -> str:
+    """Where the gate runs a variant: where it is served (PROVIDERS) if this machine has it, else the CPU."""
+    import onnxruntime as ort
+
+    wanted = PROVIDERS[precision]
+    return wanted if wanted in ort.get_available_providers() else CPU
 
 
 def _fuse(plain: Path, checkpoint: Checkpoint, out: Path, echo: Callable[[str], None]) -> dict[str, int]:
@@ -232,15 +315,19 @@ class _Built:
     files: dict[Precision, Path]
     graphs: dict[Precision, GraphKind]
     notes: dict[Precision, str]
+    # Fused-operator counts of each file in `files` and `candidates`, by its key there.
+    ops: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def pick_fp32(self, timings: dict[str, dict[str, float]]) -> None:
         if "fused" not in self.candidates:
             self.files["fp32"], self.graphs["fp32"] = self.candidates["plain"], "plain"
+            self.ops["fp32"] = self.ops.get("plain", {})
             self.notes["fp32"] = "the fusion matched nothing, so the plain graph ships"
             return
         fused, plain = timings["fused"]["batched"], timings["plain"]["batched"]
         winner: GraphKind = "fused" if fused <= plain else "plain"
         self.files["fp32"], self.graphs["fp32"] = self.candidates[winner], winner
+        self.ops["fp32"] = self.ops.get(winner, {})
         self.notes["fp32"] = (
             f"{winner} graph kept: faster on length-sorted batches of {timing.BATCH} "
             f"({min(fused, plain):.3f} s vs {max(fused, plain):.3f} s)"
@@ -257,9 +344,15 @@ class _Built:
 
 
 def _build_variants(
-    requested: tuple[Precision, ...], plain: Path, fused: Path | None, work: Path, progress: Progress
+    requested: tuple[Precision, ...],
+    plain_graph: tuple[Path, dict[str, int]],
+    fused_graph: tuple[Path | None, dict[str, int]],
+    work: Path,
+    progress: Progress,
 ) -> _Built:
-    built = _Built(candidates={}, files={}, graphs={}, notes={})
+    """Builds the requested variants' files from the plain and (where fusion matched) the fused graph."""
+    (plain, plain_ops), (fused, fused_ops) = plain_graph, fused_graph
+    built = _Built(candidates={}, files={}, graphs={}, notes={}, ops={"plain": plain_ops, "fused": fused_ops})
     if "fp32" in requested:
         built.candidates["plain"] = plain
         if fused is not None:
@@ -267,11 +360,13 @@ def _build_variants(
     if "fp16" in requested:
         with progress.step("fp16", "building the fp16 variant (fp32 inputs and outputs)"):
             built.files["fp16"] = work / "fp16.onnx"
-            onnx_export.to_fp16(fused or plain, built.files["fp16"])
+            kept, built.ops["fp16"] = onnx_export.to_fp16(fused or plain, built.files["fp16"])
             built.graphs["fp16"] = "fused" if fused is not None else "plain"
             built.notes["fp16"] = (
-                "for CUDA; inputs and outputs stay fp32 (keep_io_types); "
-                "LayerNorm and softmax accumulate in fp32"
+                "for CUDA; inputs and outputs stay fp32 (keep_io_types); fp32: "
+                f"{', '.join(onnx_export.FP16_BLOCKED_OPS)} nodes, the embedding sum and the last LayerNorm "
+                f"with what follows it ({len(kept)} nodes by name); fused LayerNorm and attention "
+                "kernels accumulate in fp32"
             )
     if "int8" in requested:
         with progress.step(
@@ -280,6 +375,7 @@ def _build_variants(
             built.files["int8"] = work / "int8.onnx"
             counts = int8.quantize_int8(plain, built.files["int8"])
             built.graphs["int8"] = "plain"
+            built.ops["int8"] = plain_ops
             quantized = ", ".join(f"{n} {op}" for op, n in counts.items())
             built.notes["int8"] = f"{int8.DESCRIPTION}; nodes: {quantized}"
             built.candidates["int8"] = built.files["int8"]
@@ -290,14 +386,21 @@ def _place_variant(
     precision: Precision,
     built: _Built,
     timings: dict[str, dict[str, float]],
-    checks: dict[str, Parity],
+    check: Parity,
     repo: Path,
 ) -> Variant:
     """Moves a gated variant into the repository and describes it for the manifest."""
     final = repo / f"model.{precision}.onnx"
     shutil.move(built.files[precision], final)
-    cpu = checks[CPU]
-    failed = not all(check.passed for check in checks.values())
+    measured = check.provider == PROVIDERS[precision]
+    notes = built.notes[precision]
+    if not measured:
+        notes += (
+            f" Its parity on {PROVIDERS[precision]} is unmeasured: this machine has none, so the gate ran it "
+            f"on {check.provider} as a smoke test."
+        )
+    if not check.passed:
+        notes += " FAILED the parity gate; kept by --keep-failing."
     return Variant(
         file=final.name,
         precision=precision,
@@ -305,34 +408,13 @@ def _place_variant(
         sha256=file_sha256(final),
         provider=PROVIDERS[precision],
         graph=built.graphs[precision],
-        fused_ops=onnx_export.count_fused_ops(final),
+        fused_ops=built.ops[precision],
         timings=built.timings_for(precision, timings),
-        parity=cpu,
-        parity_cuda=checks.get(CUDA),
-        notes=built.notes[precision] + (" FAILED the parity gate; kept by --keep-failing." if failed else ""),
+        parity=check,
+        parity_cuda=check if check.provider == CUDA else None,
+        notes=notes,
+        parity_measured=measured,
     )
-
-
-def _gate(
-    precision: Precision,
-    path: Path,
-    tokenizer: Path,
-    spec: GraphSpec,
-    items: list[Item],
-    expected: FloatArray,
-) -> dict[str, Parity]:
-    """Parity on the CPU provider always; fp16 also on CUDA when this machine has it."""
-    import onnxruntime as ort
-
-    providers = [CPU]
-    if precision == "fp16" and CUDA in ort.get_available_providers():
-        providers.append(CUDA)
-    return {
-        provider: parity.check_variant(
-            TextRunner.open(path, tokenizer, spec, provider), precision, items, expected
-        )
-        for provider in providers
-    }
 
 
 def _summary(check: Parity) -> str:
@@ -341,6 +423,8 @@ def _summary(check: Parity) -> str:
         if check.min_cosine is not None and check.mean_cosine is not None
         else f"max abs logit diff {check.max_abs_diff:.3g}"
     )
+    if check.label_agreement is not None:
+        accuracy += f", arg-max label agrees on {check.label_agreement:.1%} of the texts"
     verdict = "passed" if check.passed else "FAILED"
     return f"{check.provider}: {accuracy}, batch invariance {check.batch_invariance:.3g} -> {verdict}"
 

@@ -2,8 +2,12 @@
 
 Embedding models run through sentence-transformers exactly as their own config files say (that is how the
 checkpoint's authors use them, so a misread pooling or normalisation setting shows up as a parity failure);
-cross-encoders run through transformers' sequence classification head. The server's tests use the module
-functions `reference_embeddings`, `reference_logits` and `reference_token_ids` too.
+cross-encoders (text pairs) and classifiers (texts) run through transformers' sequence classification head.
+The server's tests use the module functions `reference_embeddings`, `reference_logits` and
+`reference_token_ids` too.
+
+NOTE: the export runs the reference once, on all parity texts, in length-sorted batches (as
+sentence-transformers does by itself), so no batch pads a short text to a long one's length.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from recserve.export.checkpoint import Checkpoint, inspect_checkpoint
+from recserve.export.checkpoint import Checkpoint, inspect_checkpoint, resolve_max_length
 from recserve.export.errors import ExportError
 from recserve.manifest import Task
 from recserve.tensors import FloatArray, Item
@@ -23,7 +27,8 @@ BATCH = 32
 
 
 class Reference:
-    """One loaded reference model; `run` gives vectors (embedding) or logits (cross-encoder), float32."""
+    """One loaded reference model; `run` gives vectors (embedding) or logits (cross-encoder, classifier),
+    float32, in the order of its inputs."""
 
     def __init__(self, checkpoint: Checkpoint, task: Task, max_length: int) -> None:
         import torch
@@ -57,12 +62,16 @@ class Reference:
         if self.task == "embedding":
             vectors = self._st.encode(list(inputs), batch_size=BATCH, convert_to_numpy=True)  # type: ignore[arg-type]
             return np.asarray(vectors, dtype=np.float32)
-        out = []
+        lengths = [len(ids) for ids in self.token_ids(inputs)]
+        order = sorted(range(len(inputs)), key=lambda i: lengths[i])
+        logits: list[Any] = [None] * len(inputs)
         with self._torch.inference_mode():
-            for i in range(0, len(inputs), BATCH):
-                features = self._encode(inputs[i : i + BATCH], return_tensors="pt")
-                out.append(self._clf(**features).logits.float().numpy())
-        return np.concatenate(out).astype(np.float32)
+            for start in range(0, len(order), BATCH):
+                chunk = order[start : start + BATCH]
+                features = self._encode([inputs[i] for i in chunk], return_tensors="pt")
+                for i, row in zip(chunk, self._clf(**features).logits.float().numpy(), strict=True):
+                    logits[i] = row
+        return np.stack(logits).astype(np.float32)
 
     def token_ids(self, inputs: Sequence[Item]) -> list[list[int]]:
         """Each text's token ids as the reference tokenises it (special tokens included, no padding)."""
@@ -77,10 +86,15 @@ class Reference:
             return ids
         return [list(map(int, row)) for row in self._encode(inputs)["input_ids"]]
 
-    def _encode(self, pairs: Sequence[Any], **kwargs: Any) -> Any:
-        first = [p[0] for p in pairs]
-        second = [p[1] for p in pairs]
+    def _encode(self, items: Sequence[Any], **kwargs: Any) -> Any:
+        """Pairs (cross-encoder) or texts (classifier), truncated as the shipped tokenizer truncates."""
         padding = kwargs.get("return_tensors") is not None
+        if self.task == "classifier":
+            return self.tokenizer(
+                list(items), truncation=True, max_length=self.max_length, padding=padding, **kwargs
+            )
+        first = [p[0] for p in items]
+        second = [p[1] for p in items]
         return self.tokenizer(
             first, second, truncation=True, max_length=self.max_length, padding=padding, **kwargs
         )
@@ -88,7 +102,7 @@ class Reference:
 
 def _load(checkpoint_dir: Path | str, task: Task, max_length: int | None) -> Reference:
     checkpoint = inspect_checkpoint(Path(checkpoint_dir))
-    return Reference(checkpoint, task, max_length or checkpoint.default_max_length)
+    return Reference(checkpoint, task, resolve_max_length(checkpoint, max_length))
 
 
 def reference_embeddings(
@@ -99,10 +113,12 @@ def reference_embeddings(
 
 
 def reference_logits(
-    checkpoint_dir: Path | str, pairs: Sequence[tuple[str, str]], max_length: int | None = None
+    checkpoint_dir: Path | str, pairs: Sequence[Item], max_length: int | None = None
 ) -> FloatArray:
-    """[len(pairs), num_labels] float32 logits from transformers' sequence classification model."""
-    return _load(checkpoint_dir, "cross-encoder", max_length).run(pairs)
+    """[len(pairs), num_labels] float32 logits from transformers' sequence classification model: of
+    (query, item) pairs for a cross-encoder, of texts for a classifier."""
+    task: Task = "classifier" if pairs and isinstance(pairs[0], str) else "cross-encoder"
+    return _load(checkpoint_dir, task, max_length).run(pairs)
 
 
 def reference_token_ids(

@@ -81,9 +81,13 @@ def save_tokenizer(model_dir: Path, out: Path, max_length: int) -> int:
             str(model_dir), use_fast=True, local_files_only=True
         )
     except Exception as exc:  # a checkpoint without a usable tokenizer is bad input
-        raise ExportError(f"cannot load the tokenizer of {model_dir}: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"cannot load the tokenizer of {model_dir}: {first}") from None
     if not tokenizer.is_fast:
-        raise ExportError(f"{model_dir} has no fast (Rust) tokenizer, which the server needs")
+        raise ExportError(
+            f"{model_dir} has no fast (Rust) tokenizer, which the server needs: "
+            f"{type(tokenizer).__name__} has no fast version and no tokenizer.json is there"
+        )
     tokenizer.model_max_length = max_length
     tokenizer.save_pretrained(str(out))
     path = out / TOKENIZER_FILE
