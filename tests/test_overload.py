@@ -30,7 +30,9 @@ def test_chunks_bound_texts_and_characters_and_keep_order() -> None:
 def test_a_call_that_cannot_finish_by_its_deadline_is_refused_at_once_without_tokenising() -> None:
     model = fake_model()
     model.backend.delay_s = 0.02  # per batch: a modest token rate the batcher can measure
-    with serving(FAKE, model, metrics_port=None) as server:
+    # NOTE: a queue bound far above the backlog, so that only the hurried call's deadline refuses it (on a
+    # busy machine the measured rate, and so the backlog's estimate, varies).
+    with serving(FAKE, model, metrics_port=None, max_queue_seconds=120.0) as server:
         stub = server.stub()
         for i in range(4):
             embed(stub, [f"warm {i}"])

@@ -91,34 +91,40 @@ def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
     return options
 
 
-def warmup_batches(max_batch_size: int, max_batch_tokens: int, max_length: int) -> list[list[Encoded]]:
+def warmup_batches(
+    max_batch_size: int, max_batch_tokens: int, max_length: int, token_id: int = 0
+) -> list[list[Encoded]]:
     """A batch of each size class the batcher forms: powers of two up to the largest batch, each at the
-    longest length the token budget allows (capped at max_length), plus one batch-1 run per length class."""
+    longest length the token budget allows (capped at max_length), plus one batch-1 run per length class.
+
+    Every token is `token_id`: the model's pad id, the one id every vocabulary has (a small one, such as a
+    Chinese character vocabulary, may hold no id 1000)."""
     batches = []
     size = 1
     while True:
         length = max(2, min(max_length, max_batch_tokens // size))
-        batches.append([_dummy(length)] * size)
+        batches.append([_dummy(length, token_id)] * size)
         if size >= max_batch_size:
             break
         size = min(size * 2, max_batch_size)
     length = 8
     while length < max_length:
-        batches.append([_dummy(length)])
+        batches.append([_dummy(length, token_id)])
         length *= 2
     return batches
 
 
-def _dummy(length: int) -> Encoded:
-    ids = np.full(length, 1000, dtype=np.int64)
+def _dummy(length: int, token_id: int) -> Encoded:
+    ids = np.full(length, token_id, dtype=np.int64)
     return Encoded(ids=ids, type_ids=np.zeros(length, dtype=np.int64))
 
 
 async def _warm_up(served: ServedModel, settings: ServerSettings) -> None:
     started = time.perf_counter()
     loop = asyncio.get_running_loop()
+    manifest = served.model.manifest
     batches = warmup_batches(
-        settings.max_batch_size, settings.max_batch_tokens, served.model.manifest.max_length
+        settings.max_batch_size, settings.max_batch_tokens, manifest.max_length, manifest.pad_token_id
     )
     for batch in batches:
         await loop.run_in_executor(served.model_executor, served.model.backend.warm_up, batch)

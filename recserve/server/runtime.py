@@ -17,7 +17,7 @@ from pathlib import Path
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from recserve.manifest import Manifest, ManifestError, Precision, verify_variant
+from recserve.manifest import Manifest, ManifestError, Precision, parity_warning, verify_variant
 from recserve.runner import CPU, CUDA, GraphSpec, Runner, encode, open_session
 from recserve.server.model import Model
 from recserve.server.settings import ServerSettings
@@ -275,6 +275,10 @@ def load_backend(
             "threads_alone_shared": list(backend.threads),
         },
     )
+    unmeasured = parity_warning(manifest, backend.selection.precision, backend.provider)
+    if unmeasured is not None:
+        # e.g. fp16 exported without a GPU: only smoke-tested on the CPU; served on CUDA it is ungated.
+        log.warning("parity unmeasured", extra={"model": manifest.model_name, "detail": unmeasured})
     return backend
 
 
