@@ -6,7 +6,8 @@ has (onnxruntime-gpu, numpy, tokenizers, grpcio; no torch, no matplotlib):
 1. fp16 parity on the CUDA provider, on every parity text (export/parity_texts.py), by the export's own
    gate (export/parity.check_variant): against the fp32 variant on the CPU provider, and against the
    PyTorch reference too where torch, sentence-transformers and the checkpoint are on this machine;
-2. batch invariance there: each text alone against the same text in a padded batch of 32 (the same gate);
+2. batch invariance there: each text alone against the same text inside a padded, length-sorted batch (the
+   same gate as the export's);
 3. that the server's runner binds its inputs and outputs (IO binding) on CUDA, counted at the session while
    it runs a batch;
 4. the raw fp16 throughput of the workload in process (baseline.raw_limit, through the server's runtime);
@@ -376,7 +377,7 @@ def checks(result: GpuCheckResult, step: StepResult) -> list[tuple[str, str, boo
     rows = [
         (f"fp16 parity against {p.against}", _parity_text(p), p.accurate),
         (
-            "batch invariance (alone against a padded batch of 32)",
+            "batch invariance (alone against the gate's padded batches)",
             f"largest difference {p.batch_invariance} (bound {p.batch_invariance_threshold})",
             p.invariant,
         ),
