@@ -890,7 +890,7 @@ def test_recommend_bench_measures_the_build_and_both_pipelines(
     from recserve.benchmarks.recommend_bench import RecommendBenchConfig, run_recommend_bench
 
     cfg = RecommendBenchConfig(
-        tiny_repo, tmp_path / "out", tiny_cross_repo, items=300, seconds=0.5, threads=1
+        tiny_repo, tmp_path / "out", tiny_cross_repo, items=300, seconds=0.5, threads=1, sizes=(3000,)
     )
     result = run_recommend_bench(cfg, "recserve bench recommend (test)")
     build = result["build"]
@@ -904,5 +904,13 @@ def test_recommend_bench_measures_the_build_and_both_pipelines(
     ]
     assert all(r["calls"] > 0 and r["failed"] == 0 for r in rows)
     assert all(r["rerank_p50_ms"] == 0 for r in rows[:2]) and all(r["rerank_p50_ms"] > 0 for r in rows[2:])
+    # A synthetic catalog that claims the embedder's weights, served: exact and approximate, 1 and 16 callers.
+    large = result["sizes"]
+    assert [(r["items"], r["search"], r["callers"]) for r in large] == [
+        (3000, search, callers) for search in ("exact", "approximate") for callers in (1, 16)
+    ]
+    assert all(r["calls"] > 0 and r["failed"] == 0 for r in large)
+    assert all(0.5 <= r["recall@10"] <= 1.0 for r in large if r["search"] == "approximate")
     text = (tmp_path / "out" / "RECOMMEND.md").read_text()
     assert "## Catalog build" in text and "retrieve + rerank top 20" in text
+    assert "## Recommend over large catalogs" in text

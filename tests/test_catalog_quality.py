@@ -108,7 +108,13 @@ def test_catalog_bench_at_a_small_size(tmp_path: Path) -> None:
             assert 0 < row["p50_ms"] <= row["p99_ms"] and row["calls"] == 3
     assert figures["recall@10"] >= 0.9
     bare = figures["versus_bare"]["16"]
-    assert set(bare) == {"bare_float32", "search_float32", "search_float16", "conversion_only"}
+    assert set(bare) == {
+        "bare_float32",
+        "search_float32",
+        "search_float16",
+        "conversion_only",
+        "bare_float16_as_stored",
+    }
     assert bare["bare_float32"]["x_bare"] == 1.0
     table = bench_markdown(result)
     assert "| 10,000 | exact | 16 |" in table and "| 16 | search_float16 |" in table

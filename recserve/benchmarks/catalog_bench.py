@@ -57,8 +57,12 @@ def synthetic_catalog(
     dtype: Dtype = "float16",
     ann: bool = False,
     seed: int = 0,
+    model: ModelInfo | None = None,
 ) -> Catalog:
-    """Writes (block by block: memory stays bounded) and opens a clustered catalog of `count` items."""
+    """Writes (block by block: memory stays bounded) and opens a clustered catalog of `count` items.
+
+    `model`: whose catalog it claims to be (a server refuses a catalog not built by a model it serves);
+    by default a synthetic one."""
     directory.mkdir(parents=True)
     centres = _centres(seed, dimension)
     rng = np.random.default_rng(seed + 1)
@@ -71,11 +75,8 @@ def synthetic_catalog(
     category = AttributeColumn("category", "string", 1, [f"c{i % 100:02d}" for i in range(count)])
     price = AttributeColumn("price", "number", 1, [float(v) for v in rng.integers(1, 1000, count)])
     items = Items(ids, [f"synthetic item {i}" for i in range(count)], {"category": category, "price": price})
-    writer.finish(
-        items,
-        ModelInfo(name="synthetic", weights_sha256="0" * 64, dimension=dimension),
-        ann={} if ann else None,
-    )
+    model = model or ModelInfo(name="synthetic", weights_sha256="0" * 64, dimension=dimension)
+    writer.finish(items, model, ann={} if ann else None)
     del writer
     return Catalog.open(directory, verify=False)
 

@@ -226,6 +226,11 @@ def _configure_recommend(sub: Any, cores: int) -> None:
     p.add_argument("--items", type=int, default=4000, help="catalog items (4000)")
     p.add_argument("--seconds", type=float, default=10.0, help="seconds per served step (10)")
     p.add_argument("--threads", type=int, default=cores, help=f"ORT threads, server and in process ({cores})")
+    p.add_argument(
+        "--sizes",
+        default="100000,1000000",
+        help="synthetic catalog sizes served for the large-catalog step; empty skips it (%(default)s)",
+    )
 
 
 def _configure_gpu_check(sub: Any, cores: int) -> None:
@@ -422,8 +427,15 @@ def run(args: argparse.Namespace) -> int:
         if args.bench_command == "recommend":
             from recserve.benchmarks.recommend_bench import RecommendBenchConfig, run_recommend_bench
 
+            sizes = tuple(int(size) for size in args.sizes.split(",") if size.strip())
             cfg = RecommendBenchConfig(
-                args.model_repo, args.out, args.cross_repo, args.items, args.seconds, args.threads
+                args.model_repo,
+                args.out,
+                args.cross_repo,
+                args.items,
+                args.seconds,
+                args.threads,
+                sizes=sizes,
             )
             run_recommend_bench(cfg, flags.command_line(args._bench_argv))
             return 0

@@ -6,6 +6,9 @@
 2. Recommend through a served server (a child `recserve serve` with the embedder, a cross-encoder and the
    catalog): closed loops of 1 and 16 callers, each call a query text, without and with rerank; p50/p99
    of the whole call, and the reply's own split into retrieve and rerank milliseconds.
+3. Recommend over large synthetic catalogs (`--sizes`, e.g. 100k and 1M x 384 float16, clustered, with
+   an HNSW index), served the same way: closed loops of 1 and 16 callers of query-vector calls, exact and
+   approximate, and the recall@10 of approximate against exact over the answers.
 
 The cross-encoder only has to cost what a real one costs: without `--cross-repo` a randomly initialised
 one of the embedder's shape (MiniLM: 6 layers, 384 wide) is exported once (needs the export extra).
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,8 @@ class RecommendBenchConfig:
     k: int = 10
     rerank_k: int = 20
     seed: int = 0
+    # Synthetic catalog sizes served for step 3 (none: skipped).
+    sizes: tuple[int, ...] = ()
 
 
 def catalog_texts(count: int, seed: int) -> list[str]:
@@ -105,8 +111,14 @@ def build_throughput(cfg: RecommendBenchConfig, texts: list[str], catalog_dir: P
 
 
 async def _closed(
-    stub: pb_grpc.InferenceStub, request: pb.RecommendRequest, callers: int, seconds: float
+    stub: pb_grpc.InferenceStub,
+    request: pb.RecommendRequest | Sequence[pb.RecommendRequest],
+    callers: int,
+    seconds: float,
 ) -> dict[str, Any]:
+    """`callers` callers sending back to back for `seconds`: one request, or a list taken in turn."""
+    requests = [request] if isinstance(request, pb.RecommendRequest) else list(request)
+    turn = 0
     latencies: list[float] = []  # seconds
     retrieve: list[float] = []
     rerank: list[float] = []
@@ -114,11 +126,12 @@ async def _closed(
     stop = time.perf_counter() + seconds
 
     async def caller() -> None:
-        nonlocal failed
+        nonlocal failed, turn
         while time.perf_counter() < stop:
             sent = time.perf_counter()
+            turn += 1
             try:
-                reply = await stub.Recommend(request, timeout=30)
+                reply = await stub.Recommend(requests[turn % len(requests)], timeout=30)
             except grpc.aio.AioRpcError:
                 failed += 1
                 continue
@@ -169,6 +182,66 @@ async def served(cfg: RecommendBenchConfig, cross: Path, catalog_dir: Path) -> l
     return rows
 
 
+async def served_sizes(cfg: RecommendBenchConfig, scratch: Path) -> list[dict[str, Any]]:
+    """Step 3: each synthetic catalog behind a served server, exact and approximate query-vector calls."""
+    from recserve.benchmarks.catalog_bench import query_vectors, synthetic_catalog
+    from recserve.benchmarks.servers import local_server
+    from recserve.catalog.store import ModelInfo
+    from recserve.manifest import Manifest
+
+    manifest = Manifest.load(cfg.model_repo)
+    model = ModelInfo(
+        name=manifest.model_name, weights_sha256=manifest.source.weights_sha256, dimension=manifest.output_dim
+    )
+    queries = query_vectors(256, manifest.output_dim, cfg.seed)
+    rows: list[dict[str, Any]] = []
+    for size in cfg.sizes:
+        started = time.perf_counter()
+        catalog = await asyncio.to_thread(
+            synthetic_catalog, scratch / f"synthetic-{size}", size, manifest.output_dim, ann=True, model=model
+        )
+        built_s = time.perf_counter() - started
+        extra = ("--catalog", f"synthetic={catalog.path}")
+        log_path = cfg.out / "logs" / f"server-synthetic-{size}.log"
+        async with (
+            local_server(cfg.model_repo, threads=cfg.threads, log_path=log_path, extra=extra) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            stub = pb_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]
+            answers: dict[bool, list[list[str]]] = {}
+            for approximate in (False, True):
+                requests = [
+                    pb.RecommendRequest(
+                        query_vector=pb.QueryVector(values=q.tolist()), k=cfg.k, approximate=approximate
+                    )
+                    for q in queries
+                ]
+                # The same queries one by one first: the answers for recall, and a warm-up.
+                answers[approximate] = [ids_of(await stub.Recommend(r, timeout=60)) for r in requests[:50]]
+                for callers in CALLERS:
+                    row = await _closed(stub, requests, callers, cfg.seconds)
+                    rows.append({"items": size, "search": "approximate" if approximate else "exact", **row})
+            recall = float(
+                np.mean(
+                    [
+                        len(set(a) & set(e)) / len(e)
+                        for a, e in zip(answers[True], answers[False], strict=True)
+                    ]
+                )
+            )
+            for row in rows:
+                if row["items"] == size:
+                    row["build_s"] = round(built_s, 1)
+                    if row["search"] == "approximate":
+                        row["recall@10"] = round(recall, 4)
+        del catalog
+    return rows
+
+
+def ids_of(reply: pb.RecommendResponse) -> list[str]:
+    return [item.id for item in reply.items]
+
+
 def markdown(result: dict[str, Any]) -> str:
     build = result["build"]
     lines = [
@@ -199,6 +272,27 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {row['pipeline']} | {row['callers']} | {row['calls_per_s']} | {row['p50_ms']} | "
             f"{row['p99_ms']} | {row['retrieve_p50_ms']} | {row['rerank_p50_ms']} | {row['failed']} |"
         )
+    if result.get("sizes"):
+        lines += [
+            "",
+            "## Recommend over large catalogs",
+            "",
+            "Synthetic clustered catalogs (384 dimensions, float16, with an HNSW index; "
+            "`recserve.benchmarks.catalog_bench.synthetic_catalog`, claiming the embedder's weights so the "
+            "server takes them), each behind a child `recserve serve`; closed loops of query-vector calls "
+            f"(k = {result['k']}, 256 queries in turn), {result['seconds']:g} s each. Recall@10 of "
+            "approximate against exact over the first 50 queries' answers; `built` is the vectors and the "
+            "index, in process.",
+            "",
+            "| items | search | callers | calls/s | p50 ms | p99 ms | recall@10 | built s | failed |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in result["sizes"]:
+            lines.append(
+                f"| {row['items']:,} | {row['search']} | {row['callers']} | {row['calls_per_s']} | "
+                f"{row['p50_ms']} | {row['p99_ms']} | {row.get('recall@10', '')} | {row['build_s']} | "
+                f"{row['failed']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -210,6 +304,7 @@ def run_recommend_bench(cfg: RecommendBenchConfig, command: str) -> dict[str, An
         catalog_dir = Path(scratch) / "catalog"
         build = build_throughput(cfg, texts, catalog_dir)
         rows = asyncio.run(served(cfg, cross, catalog_dir))
+        sizes = asyncio.run(served_sizes(cfg, Path(scratch))) if cfg.sizes else []
     result = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
         "command": command,
@@ -217,6 +312,7 @@ def run_recommend_bench(cfg: RecommendBenchConfig, command: str) -> dict[str, An
         "seconds": cfg.seconds,
         "build": build,
         "served": rows,
+        "sizes": sizes,
     }
     (cfg.out / "recommend.json").write_text(json.dumps(result, indent=2) + "\n")
     (cfg.out / "RECOMMEND.md").write_text(markdown(result))
