@@ -6,7 +6,6 @@ test there), and end to end against the real server on port 0 with the tiny expo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -22,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 
-from recserve.benchmarks import command, report, summary
+from recserve.benchmarks import report, summary
 from recserve.benchmarks.loadgen import StepPlan, gaps, run_step
 from recserve.benchmarks.protocols import as_target
 from recserve.benchmarks.recorder import CODE_NAMES, OK, Recorder, Windows
@@ -40,19 +39,11 @@ from recserve.benchmarks.workloads import (
 )
 from recserve.client import AsyncClient, Client, Limits, ServerInfo
 from recserve.server.metrics import Metrics
+from tests.support.bench import bench
 from tests.support.fake_server import SERVICE, SERVING, FakeInference, FakeServer, fake_server
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUICK = ["--warmup", "0.2", "--duration", "0.6", "--max-windows", "1", "--quiet"]
-
-
-def bench(argv: list[str]) -> int:
-    """`recserve bench ...` through the real argument parser, as the CLI would run it."""
-    parser = argparse.ArgumentParser(prog="recserve bench")
-    command.configure(parser)
-    args = parser.parse_args(argv)
-    args._bench_argv = ["bench", *argv]
-    return command.run(args)
 
 
 def check_step(step: StepResult, steady: bool = True) -> None:

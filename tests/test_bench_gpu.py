@@ -4,7 +4,6 @@ report (JSON and Markdown) is the one a GPU machine writes."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -12,19 +11,11 @@ from typing import Any
 import onnxruntime as ort
 import pytest
 
-from recserve.benchmarks import command
 from recserve.benchmarks.gpu_check import CPU, CUDA, io_binding_check, refusal
+from tests.support.bench import bench
 
 HAS_CUDA = CUDA in ort.get_available_providers()
 QUICK = ["--callers", "4", "--warmup", "0.2", "--duration", "0.5", "--threads", "1", "--quiet"]
-
-
-def bench(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="recserve bench")
-    command.configure(parser)
-    args = parser.parse_args(argv)
-    args._bench_argv = ["bench", *argv]
-    return command.run(args)
 
 
 def test_refusal_names_what_is_missing() -> None:

@@ -35,19 +35,12 @@ from recserve.benchmarks.results import PeerInfo, RawLimit, SingleLatency, StepR
 from recserve.benchmarks.stats import latency_summary
 from recserve.benchmarks.workloads import Workload, WorkloadSpec, build_workload
 from recserve.client import AsyncClient
+from tests.support.bench import bench
 from tests.support.fake_server import FakeInference, fake_server, fake_vector
 from tests.support.stub_peers import KServeStub, OpenAIStub, TeiStub
 
 QUICK = ["--warmup", "0.2", "--duration", "0.5", "--max-windows", "1", "--quiet"]
 QUICK_PLAN = StepPlan(mode="closed", concurrency=4, warmup_s=0.1, window_s=0.4, max_windows=1)
-
-
-def bench(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="recserve bench")
-    command.configure(parser)
-    args = parser.parse_args(argv)
-    args._bench_argv = ["bench", *argv]
-    return command.run(args)
 
 
 def check_step(step: dict[str, Any]) -> None:

@@ -105,18 +105,11 @@ def run_summary(series: Sequence[Series], raw: RawLimit | None) -> dict[str, Sum
     """Headline figures of a run: each series' best throughput and, beside it, the raw limit ratio."""
     out: dict[str, SummaryItem] = {}
     for ser in series:
-        ok = [s for s in ser.steps if s.measured.completed]
-        if not ok:
+        best, item = ser.peak, ser.peak_item()
+        if best is None or item is None:
             continue
-        best = max(ok, key=lambda s: s.measured.texts_per_s)
         m = best.measured
-        out[f"{ser.name}_peak"] = SummaryItem(
-            title=f"Peak throughput ({ser.name})",
-            value=m.texts_per_s,
-            unit=" texts/s",
-            digits=1,
-            how=f"{best.label}: {m.calls_per_s} calls/s, p50 {m.latency_ms.p50}, p99 {m.latency_ms.p99} ms",
-        )
+        out[f"{ser.name}_peak"] = item
         if best.ratio_to_raw is not None and raw is not None:
             out[f"{ser.name}_raw_ratio"] = SummaryItem(
                 title=f"Peak over the raw limit ({ser.name})",

@@ -279,6 +279,29 @@ class Series:
     server: ServerInfo | PeerInfo
     steps: tuple[StepResult, ...]
 
+    @property
+    def peak(self) -> StepResult | None:
+        """The completed step that delivered the most texts/s (None when none completed)."""
+        ok = [s for s in self.steps if s.measured.completed]
+        return max(ok, key=lambda s: s.measured.texts_per_s, default=None)
+
+    def peak_item(self, where: str = "") -> SummaryItem | None:
+        """The headline row of `peak`; `where` (e.g. the target) starts its explanation."""
+        best = self.peak
+        if best is None:
+            return None
+        m = best.measured
+        return SummaryItem(
+            title=f"Peak throughput ({self.name})",
+            value=m.texts_per_s,
+            unit=" texts/s",
+            digits=1,
+            how=(
+                f"{where}{best.label}: {m.calls_per_s} calls/s, p50 {m.latency_ms.p50}, "
+                f"p99 {m.latency_ms.p99} ms"
+            ),
+        )
+
 
 # --- baselines and the suite ------------------------------------------------------------------------------
 

@@ -452,17 +452,9 @@ def peer_summary(peers: Sequence[Series], paired: PairedRounds, lone: LoneCalls)
     """Each peer's headline figures beside the default server's: peak, efficiency, lone-call overhead."""
     out: dict[str, SummaryItem] = {}
     for ser in peers:
-        ok = [s for s in ser.steps if s.measured.completed]
-        if ok:
-            best = max(ok, key=lambda s: s.measured.texts_per_s)
-            m = best.measured
-            out[f"{ser.name}_peak"] = SummaryItem(
-                title=f"Peak throughput ({ser.name})",
-                value=m.texts_per_s,
-                unit=" texts/s",
-                digits=1,
-                how=f"{ser.target}, {best.label}: p50 {m.latency_ms.p50}, p99 {m.latency_ms.p99} ms",
-            )
+        item = ser.peak_item(f"{ser.target}, ")
+        if item is not None:
+            out[f"{ser.name}_peak"] = item
         eff = paired.efficiency.get(ser.name)
         if eff is not None:
             out[f"{ser.name}_efficiency"] = SummaryItem(
@@ -489,8 +481,7 @@ def servers_section(
     load_c = max(cfg.compare)
     rows = []
     for ser in series:
-        ok = [s for s in ser.steps if s.measured.completed]
-        best = max(ok, key=lambda s: s.measured.texts_per_s, default=None)
+        best = ser.peak
         busy = _closed_at(ser.steps, load_c)
         lat = lone.latency_ms.get(ser.name)
         eff = paired.efficiency.get(ser.name)

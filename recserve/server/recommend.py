@@ -21,7 +21,7 @@ from recserve.catalog.store import Catalog
 from recserve.server.engine import history_weights, user_vector
 from recserve.server.errors import InvalidArgument, NotFound
 from recserve.server.registry import ServedModel, ServedModels
-from recserve.tensors import FloatArray
+from recserve.tensors import FloatArray, IntArray
 
 
 @dataclass(frozen=True)
@@ -152,18 +152,18 @@ class Recommender:
             raise NotFound(f"no catalog named {name[:100]!r}; the catalogs are: {', '.join(self._catalogs)}")
         return searcher
 
-    def _check_ids(self, catalog: Catalog, ids: Sequence[str], field_name: str) -> None:
+    @staticmethod
+    def rows_of(catalog: Catalog, ids: Sequence[str], field_name: str) -> IntArray:
+        """Row numbers of a request's `ids`; InvalidArgument naming the field and the unknown ones (the
+        caller's mistake, not a missing resource)."""
         try:
-            catalog.index_of(list(ids))
+            return catalog.index_of(list(ids))
         except UnknownIds as exc:
             raise InvalidArgument(f"{field_name}: {exc}") from None
 
     def stored_vectors(self, catalog: Catalog, ids: Sequence[str], field_name: str) -> FloatArray:
-        """Rows of `ids` from the catalog; InvalidArgument naming the unknown ones."""
-        try:
-            return catalog.vectors_for(list(ids))
-        except UnknownIds as exc:
-            raise InvalidArgument(f"{field_name}: {exc}") from None
+        """The stored (normalised) vectors of a request's `ids`, as float32."""
+        return np.asarray(catalog.vectors[self.rows_of(catalog, ids, field_name)], dtype=np.float32)
 
     def check_built_by(self, catalog: CatalogSearcher, served: ServedModel) -> None:
         if served.model.manifest.source.weights_sha256 != catalog.catalog.weights_sha256:
@@ -193,7 +193,7 @@ class Recommender:
         reranker = self._reranker(rerank_model, query)
         wanted = max(k, rerank_k) if reranker is not None else k
         if exclude_ids:
-            self._check_ids(catalog, exclude_ids, "exclude_ids")
+            self.rows_of(catalog, exclude_ids, "exclude_ids")
         vector = await self._query_vector(model, searcher, query, strict, deadline)
         hits = await searcher.search(vector, wanted, exclude_ids, filters, exact=not approximate)
         retrieve_s = time.perf_counter() - started
