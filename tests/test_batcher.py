@@ -607,3 +607,26 @@ async def test_submit_validation(harness: Harness) -> None:
 def test_config_rejects_nonsense(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         BatcherConfig(**bad)
+
+
+@pytest.mark.parametrize("min_wait_share", [0.0, 0.6])
+async def test_a_young_text_does_not_jump_older_texts_of_other_lengths(
+    harness: Harness, min_wait_share: float
+) -> None:
+    # Length sorting alone batches the oldest text with the young one of its length (no padding) and
+    # leaves the long old text behind it; with the wait floor a batch takes only the anchor's contemporaries.
+    batcher = await harness.start(
+        max_batch_size=2, max_delay_s=0.0, max_padding_ratio=1.15, min_wait_share=min_wait_share
+    )
+    blocked = await harness.occupy_model(batcher)
+    old = [batcher.submit([text(1, 10)]), batcher.submit([text(2, 40)])]
+    await asyncio.sleep(0.3)
+    young = batcher.submit([text(3, 10)])
+    await asyncio.sleep(0.05)
+    harness.model.gate.set()
+    for future in [blocked, *old, young]:
+        await settle(future)
+    if min_wait_share:
+        assert harness.model.batches[1:] == [[(1, 10)], [(2, 40)], [(3, 10)]]
+    else:
+        assert harness.model.batches[1:] == [[(1, 10), (3, 10)], [(2, 40)]]

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from recserve import threads
 from recserve.benchmarks.baseline import RawModel
 from recserve.server.registry import SERVICE_NAME
 from recserve.server.service import build_info, encode_vectors, vector_encoding
@@ -38,7 +39,12 @@ class BareInference(pb_grpc.InferenceServicer):
         self._model = model
         manifest, backend = model.manifest, model.backend
         # One thread: the model runs one call at a time, on all of its intra-op threads.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bare-model")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="bare-model",
+            initializer=threads.name_thread,
+            initargs=(threads.MODEL,),
+        )
         limits = pb.Limits(
             max_texts_per_call=_LIMIT,
             max_text_bytes=_LIMIT,
@@ -64,9 +70,9 @@ class BareInference(pb_grpc.InferenceServicer):
         return self._info
 
 
-async def serve_bare(repo: Path, host: str, port: int, threads: int) -> None:
+async def serve_bare(repo: Path, host: str, port: int, intra_op_threads: int) -> None:
     """Serves until SIGTERM or SIGINT; health says SERVING once the model is warm."""
-    model = RawModel(repo, threads=threads)
+    model = RawModel(repo, threads=intra_op_threads)
     if model.manifest.task != "embedding":
         raise SystemExit(f"the bare baseline serves Embed only; {repo} holds a {model.manifest.task}")
     server = grpc.aio.server()
@@ -75,6 +81,7 @@ async def serve_bare(repo: Path, host: str, port: int, threads: int) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
+    threads.name_grpc_poller()
     for _ in range(_WARM_UP_CALLS):
         model.run(["a text to warm the model up"])
     for name in ("", SERVICE_NAME):

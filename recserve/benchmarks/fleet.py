@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from recserve import threads
 from recserve.benchmarks import report
 from recserve.benchmarks.config import workload_of
 from recserve.benchmarks.loadgen import LoadSettings, run_step
@@ -97,26 +98,6 @@ class FleetConfig:
     command: str = ""
 
 
-# --- /proc ---------------------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int | None) -> float | None:
-    """utime + stime of `pid` (every thread), in seconds; None when unreadable."""
-    if pid is None:
-        return None
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Fields after the command name, which is in parentheses and may hold spaces: state is field 3, utime 14.
-    rest = text.rpartition(")")[2].split()
-    try:
-        ticks = int(rest[11]) + int(rest[12])
-    except (IndexError, ValueError):
-        return None
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass(frozen=True)
 class _Mark:
     at: float
@@ -127,7 +108,8 @@ class _Mark:
 
 async def _mark(servers: Sequence[LocalServer]) -> _Mark:
     loop = asyncio.get_running_loop()
-    at, cpu, client_cpu = loop.time(), tuple(cpu_seconds(s.pid) for s in servers), time.process_time()
+    cpu = tuple(None if s.pid is None else threads.process_cpu(s.pid) for s in servers)
+    at, client_cpu = loop.time(), time.process_time()
 
     async def snap(url: str | None) -> Snapshot | None:
         if url is None:

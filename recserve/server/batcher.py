@@ -27,6 +27,8 @@ _RATE_BATCHES = 64
 # Admission by time keeps this share of a call's remaining deadline for its queue wait and its own work:
 # the estimate is an average, and a call admitted at the edge would often just miss its deadline.
 _DEADLINE_SHARE = 0.8
+# Texts that arrived this close after the anchor (or within the batch's max_delay) are its contemporaries.
+_CONTEMPORARY_S = 0.002
 # A caller that goes away this close to its deadline is counted as expired (service.DEADLINE_SLACK_S).
 _DEADLINE_SLACK_S = 0.01
 
@@ -50,6 +52,12 @@ class BatcherConfig:
     """Look-ahead: the oldest this many queued texts are sorted by length before a batch is cut."""
     max_concurrent_batches: int = 1
     """Model executions in flight at once; the next batch is assembled while these run."""
+    min_wait_share: float = 0.6
+    """A text joins a batch only if it has waited at least this share of the wait of the batch's anchor
+    (the text whose turn it is). Sorting the window by length alone lets a young text of the anchor's
+    length jump the queue while older texts of other lengths wait on, which is what makes a closed loop's
+    p99 twice its mean; with this floor a batch takes the anchor's contemporaries and the queue is served
+    close to arrival order, in smaller batches (docs/decisions/0005 has the trade-off). 0 = length only."""
     max_padding_ratio: float = 1.15
     """Padded / real tokens allowed in a batch of two or more texts: a longer text that would push the batch
     over it closes the batch instead. Lower pads less but cuts smaller batches; inf turns the check off
@@ -67,6 +75,8 @@ class BatcherConfig:
             raise ValueError(f"max_delay_s must be >= 0, got {self.max_delay_s}")
         if not self.max_padding_ratio >= 1.0:
             raise ValueError(f"max_padding_ratio must be >= 1, got {self.max_padding_ratio}")
+        if not 0.0 <= self.min_wait_share <= 1.0:
+            raise ValueError(f"min_wait_share must be within 0..1, got {self.min_wait_share}")
         if not self.max_queue_seconds > 0.0:
             raise ValueError(f"max_queue_seconds must be > 0, got {self.max_queue_seconds}")
 
@@ -83,6 +93,7 @@ class BatcherConfig:
             window_texts=settings.window_texts,
             max_concurrent_batches=max_concurrent_batches,
             max_padding_ratio=settings.max_padding_ratio,
+            min_wait_share=settings.min_wait_share,
         )
 
 
@@ -553,10 +564,18 @@ class Batcher:
         if not window:
             return None, None
         config = self._config
-        # Stable, so texts of equal length keep their order in the window.
-        order = sorted(range(len(window)), key=lambda i: window[i].length)
+        first = min(range(len(window)), key=lambda i: _turn(window[i]))
+        anchor_arrival = window[first].request.arrival
+        floor = max(
+            now - config.min_wait_share * (now - anchor_arrival),
+            anchor_arrival + config.max_delay_s + _CONTEMPORARY_S,
+        )
+        # The anchor and the texts that have waited nearly as long, by length (stable: texts of equal
+        # length keep their order in the window).
+        eligible = [i for i, item in enumerate(window) if i == first or item.request.arrival <= floor]
+        order = sorted(eligible, key=lambda i: window[i].length)
         lengths = [window[i].length for i in order]
-        anchor = min(range(len(order)), key=lambda k: _turn(window[order[k]]))
+        anchor = order.index(first)
         start, stop, closed = cut_batch(
             lengths, anchor, config.max_batch_size, config.max_batch_tokens, config.max_padding_ratio
         )

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -88,12 +90,14 @@ class Engine:
         manifest: Manifest,
         tokenizer: Tokenizer,
         tokenize_executor: Executor,
+        tokenizer_threads: int,
+        inline_tokenize_chars: int,
         batcher: Batcher,
         limits: Limits,
     ) -> None:
         self.manifest = manifest
         self._tokenizer = tokenizer
-        self._tokenize_executor = tokenize_executor
+        self._tokenizing = Tokenizing(tokenize_executor, tokenizer_threads, inline_tokenize_chars)
         self.batcher = batcher
         self.limits = limits
         self.accepting = False
@@ -326,16 +330,12 @@ class Engine:
         return cut
 
     async def _tokenize(
-        self,
-        timings: Timings,
-        encode: Callable[[Sequence[str]], list[Encoded]],
-        texts: Sequence[str],
-        deadline: float | None,
+        self, timings: Timings, encode: Encode, texts: Sequence[str], deadline: float | None
     ) -> list[Encoded]:
         """Tokenises in worker threads, chunk by chunk, checking the deadline between chunks.
 
-        A cancelled caller raises CancelledError at the await: the chunk in its thread finishes, and no
-        further chunk starts.
+        A cancelled caller raises CancelledError at the await: a chunk already in a thread finishes, and
+        no further chunk starts.
         """
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -343,7 +343,7 @@ class Engine:
         for chunk in chunks(texts):
             if deadline is not None and loop.time() >= deadline:
                 raise DeadlineExceeded("the deadline passed while the call was being tokenised")
-            items.extend(await loop.run_in_executor(self._tokenize_executor, encode, chunk))
+            items.extend(await self._tokenizing.encode(encode, chunk))
         timings.tokenize_s = time.perf_counter() - started
         return items
 
@@ -354,6 +354,120 @@ class Engine:
         timings.queue_s = result.queue_s
         timings.infer_s = result.infer_s
         return result.rows
+
+
+Encode = Callable[[Sequence[str]], list[Encoded]]
+
+
+@dataclass(slots=True)
+class _Chunk:
+    encode: Encode
+    texts: Sequence[str]
+    future: asyncio.Future[list[Encoded]]
+
+
+class Tokenizing:
+    """Tokeniser threads fed with the chunks of many calls at once.
+
+    A one-text call is tokenised in tens of microseconds, but a hop to a worker thread and back costs
+    several times that in CPU (a future, a wake-up, the GIL changing hands, the loop's wake-up), and
+    under load one-text calls arrive by the dozen. So the chunks that arrive in one turn of the event loop,
+    or while every thread is busy, go to a thread together, up to one chunk's bounds (CHUNK_TEXTS,
+    CHUNK_CHARS), in one tokenizer call and one hop. A chunk whose caller has gone before its turn is
+    skipped. Chunks of different encode functions (texts, or pairs with one query) never share a call.
+    """
+
+    def __init__(self, executor: Executor, threads: int, inline_chars: int = 0) -> None:
+        self._executor = executor
+        self._threads = threads
+        self._inline_chars = inline_chars
+        self._pending: deque[_Chunk] = deque()
+        self._busy = 0
+        self._flush_scheduled = False
+
+    async def encode(self, encode: Encode, texts: Sequence[str]) -> list[Encoded]:
+        if sum(len(text) for text in texts) <= self._inline_chars:
+            # A few short texts tokenise in tens of microseconds: less than the hop to a thread costs.
+            return encode(texts)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Encoded]] = loop.create_future()
+        self._pending.append(_Chunk(encode, texts, future))
+        if not self._flush_scheduled:
+            # At the end of this turn of the loop: the calls that arrived in it go together.
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        loop = asyncio.get_running_loop()
+        while self._pending and self._busy < self._threads:
+            group = self._take()
+            if not group:
+                continue
+            self._busy += 1
+            job = loop.run_in_executor(self._executor, _encode_group, group)
+            job.add_done_callback(functools.partial(self._done, group))
+
+    def _take(self) -> list[_Chunk]:
+        """The oldest pending chunks of one encode function, within one chunk's bounds (at least one)."""
+        group: list[_Chunk] = []
+        texts = chars = 0
+        while self._pending:
+            chunk = self._pending[0]
+            if chunk.future.done():  # its caller went away
+                self._pending.popleft()
+                continue
+            size = sum(len(text) for text in chunk.texts)
+            if group and (
+                chunk.encode != group[0].encode
+                or texts + len(chunk.texts) > CHUNK_TEXTS
+                or chars + size > CHUNK_CHARS
+            ):
+                break
+            group.append(self._pending.popleft())
+            texts += len(chunk.texts)
+            chars += size
+        return group
+
+    def _done(self, group: list[_Chunk], job: asyncio.Future[list[list[Encoded] | Exception]]) -> None:
+        self._busy -= 1
+        # Cancelled: the thread pool is shutting down. (_encode_group returns the tokenizer's errors.)
+        outcomes = None if job.cancelled() else job.result()
+        for i, chunk in enumerate(group):
+            if chunk.future.done():
+                continue
+            if outcomes is None:
+                chunk.future.cancel()
+            elif isinstance(outcome := outcomes[i], Exception):
+                chunk.future.set_exception(outcome)
+            else:
+                chunk.future.set_result(outcome)
+        self._flush()
+
+
+def _encode_group(group: Sequence[_Chunk]) -> list[list[Encoded] | Exception]:
+    """In a tokeniser thread: every chunk of `group` in one call of their encode function.
+
+    Should that call fail, each chunk is tokenised alone, so that a text that breaks the tokenizer fails
+    its own call and no other."""
+    try:
+        encoded = group[0].encode([text for chunk in group for text in chunk.texts])
+    except Exception as exc:
+        return [exc] if len(group) == 1 else [_encode_alone(chunk) for chunk in group]
+    out: list[list[Encoded] | Exception] = []
+    start = 0
+    for chunk in group:
+        out.append(encoded[start : start + len(chunk.texts)])
+        start += len(chunk.texts)
+    return out
+
+
+def _encode_alone(chunk: _Chunk) -> list[Encoded] | Exception:
+    try:
+        return chunk.encode(chunk.texts)
+    except Exception as exc:
+        return exc
 
 
 def chunks(texts: Sequence[str]) -> Iterator[Sequence[str]]:

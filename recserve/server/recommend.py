@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from recserve import threads
 from recserve.catalog.errors import UnknownIds
 from recserve.catalog.search import Filter, Hits
 from recserve.catalog.store import Catalog
@@ -65,7 +66,12 @@ class CatalogSearcher:
     def __init__(self, name: str, catalog: Catalog) -> None:
         self.name = name
         self.catalog = catalog
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"search-{name}")
+        self._executor = ThreadPoolExecutor(
+            1,
+            thread_name_prefix=f"search-{name}",
+            initializer=threads.name_thread,
+            initargs=(threads.SEARCH,),
+        )
         self._pending: dict[bool, list[_Search]] = {True: [], False: []}
         self._worker: asyncio.Task[None] | None = None
         # Searches run, each for one or more gathered queries (tests read it).

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from recserve import threads
 from recserve.server.batcher import Batcher, BatcherConfig
 from recserve.server.engine import Engine, Limits
 from recserve.server.errors import NotFound
@@ -64,8 +65,20 @@ def compose(
     (reporting into `metrics`) and the engine over them. The server and `recserve index` both serve a
     model through this."""
     backend = model.backend
-    tokenize_executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix=f"tokenize-{name}")
-    model_executor = ThreadPoolExecutor(backend.concurrent_batches, thread_name_prefix=f"model-{name}")
+    tokenize_executor = ThreadPoolExecutor(
+        settings.tokenizer_threads,
+        thread_name_prefix=f"tokenize-{name}",
+        initializer=threads.name_thread,
+        initargs=(threads.TOKENIZE,),
+    )
+    model_executor = ThreadPoolExecutor(
+        backend.concurrent_batches,
+        thread_name_prefix=f"model-{name}",
+        initializer=threads.start_as,
+        initargs=(threads.MODEL, settings.model_threads_nice),
+    )
+    if settings.model_threads_nice > 0:
+        threads.lower_priority(threads.MODEL, settings.model_threads_nice)  # ORT's own pool threads
     batcher = Batcher(
         backend.run,
         BatcherConfig.from_settings(settings, backend.concurrent_batches),
@@ -73,7 +86,15 @@ def compose(
         observer=metrics,
         on_fatal=on_fatal,
     )
-    engine = Engine(model.manifest, model.tokenizer, tokenize_executor, batcher, limits)
+    engine = Engine(
+        model.manifest,
+        model.tokenizer,
+        tokenize_executor,
+        settings.tokenizer_threads,
+        settings.inline_tokenize_chars,
+        batcher,
+        limits,
+    )
     metrics.watch(backlog_seconds=lambda: batcher.stats.backlog_seconds, in_flight=lambda: engine.in_flight)
     return ServedModel(name, model, engine, metrics, tokenize_executor, model_executor)
 

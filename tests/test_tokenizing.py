@@ -1,0 +1,96 @@
+"""Tokenising gathered across calls (engine.Tokenizing): one tokenizer call for the chunks of many calls,
+each call its own rows, a broken text failing only its call, and a gone caller's chunk skipped."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from recserve.server.engine import CHUNK_TEXTS, Tokenizing
+from recserve.tensors import Encoded
+
+
+class Counting:
+    """An encode function that records each call's texts; a text "boom" breaks it."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, texts: Sequence[str]) -> list[Encoded]:
+        self.gate.wait(10)
+        self.calls.append(list(texts))
+        if "boom" in texts:
+            raise ValueError("the tokenizer broke")
+        return [Encoded(np.array([len(t)]), np.zeros(1, dtype=np.int64)) for t in texts]
+
+
+async def _run(tokenizing: Tokenizing, encode: Counting, texts: Sequence[str]) -> list[int]:
+    return [int(e.ids[0]) for e in await tokenizing.encode(encode, texts)]
+
+
+def test_calls_of_one_loop_turn_share_one_tokenizer_call_and_get_their_own_rows() -> None:
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            tokenizing, encode = Tokenizing(pool, 2), Counting()
+            texts = [["a" * (i + 1)] for i in range(20)]
+            rows = await asyncio.gather(*(_run(tokenizing, encode, t) for t in texts))
+            assert rows == [[i + 1] for i in range(20)]
+            assert len(encode.calls) == 1
+            assert encode.calls[0] == [t[0] for t in texts]
+
+    asyncio.run(main())
+
+
+def test_a_gathered_call_stays_within_one_chunk() -> None:
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            tokenizing, encode = Tokenizing(pool, 1), Counting()
+            calls = [[f"t{i}-{j}" for j in range(CHUNK_TEXTS // 2 + 1)] for i in range(3)]
+            rows = await asyncio.gather(*(_run(tokenizing, encode, c) for c in calls))
+            assert rows == [[len(t) for t in c] for c in calls]
+            assert [len(c) for c in encode.calls] == [CHUNK_TEXTS // 2 + 1] * 3
+
+    asyncio.run(main())
+
+
+def test_a_text_that_breaks_the_tokenizer_fails_its_own_call_only() -> None:
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            tokenizing, encode = Tokenizing(pool, 1), Counting()
+            results = await asyncio.gather(
+                _run(tokenizing, encode, ["ok"]),
+                _run(tokenizing, encode, ["boom"]),
+                _run(tokenizing, encode, ["fine"]),
+                return_exceptions=True,
+            )
+            assert results[0] == [2] and results[2] == [4]
+            assert isinstance(results[1], ValueError)
+
+    asyncio.run(main())
+
+
+def test_a_caller_that_left_before_its_turn_is_not_tokenised() -> None:
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            tokenizing, encode = Tokenizing(pool, 1), Counting()
+            encode.gate.clear()  # the first call holds the only thread
+            first = asyncio.ensure_future(_run(tokenizing, encode, ["first"]))
+            await asyncio.sleep(0.05)
+            gone = asyncio.ensure_future(_run(tokenizing, encode, ["gone"]))
+            kept = asyncio.ensure_future(_run(tokenizing, encode, ["kept"]))
+            await asyncio.sleep(0.05)
+            gone.cancel()
+            encode.gate.set()
+            assert await first == [5] and await kept == [4]
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            assert encode.calls == [["first"], ["kept"]]
+
+    asyncio.run(main())
