@@ -818,7 +818,19 @@ def check_suite(tiny_repo: Path, tmp_path: Path, peer: str) -> None:
     assert {"tei_peak", "tei_efficiency", "tei_lone_overhead"} <= set(doc["summary"])
     assert doc["raw"]["texts_per_s"] > 0 and doc["raw"]["single"]["latency_ms"]["p50"] > 0
     summary = {"efficiency", "padding", "lone_overhead", "lone_floor", "open_rate_fraction", "batching_gain"}
-    assert summary <= set(doc["summary"])
+    summary |= {"efficiency_floats", "efficiency_big_calls", "tail_ratio", "lone_over_bare"}
+    assert summary | {"open_rate_fraction_lone"} <= set(doc["summary"])
+    # Issue 15's rows, each with its target.
+    targets = {
+        "efficiency": ">= 0.92",
+        "efficiency_floats": ">= 0.88",
+        "efficiency_big_calls": ">= 0.97",
+        "tail_ratio": "<= 1.5",
+        "open_rate_fraction_lone": ">= 0.6",
+        "lone_over_bare": "<= 0.5 ms",
+    }
+    for key, target in targets.items():
+        assert doc["summary"][key]["target"] == target and isinstance(doc["summary"][key]["met"], bool), key
     # Lone calls: every text to the raw model, the bare gRPC server and the default server.
     lone = doc["lone"]
     assert lone["calls"] == 10
@@ -827,21 +839,55 @@ def check_suite(tiny_repo: Path, tmp_path: Path, peer: str) -> None:
         assert overhead == round(lone["latency_ms"][name]["p50"] - lone["latency_ms"]["raw"]["p50"], 3)
     assert doc["summary"]["lone_overhead"]["value"] == lone["overhead_ms"]["batching on"]
     assert doc["summary"]["lone_floor"]["value"] == lone["overhead_ms"]["bare gRPC"]
+    over_bare = lone["latency_ms"]["batching on"]["p50"] - lone["latency_ms"]["bare gRPC"]["p50"]
+    assert doc["summary"]["lone_over_bare"]["value"] == round(over_bare, 3)
+    busy = next(s for s in doc["series"][0]["steps"] if s["label"] == "closed c=4")
+    ratio = round(busy["latency_ms"]["p99"] / busy["latency_ms"]["mean"], 3)
+    assert doc["summary"]["tail_ratio"]["value"] == ratio
     assert doc["series"][1]["server"]["limits"]["max_batch_size"] == 1
     paired = doc["paired"]
     assert paired["callers"] == 4 and len(paired["rounds"]) == 2
     for rnd in paired["rounds"]:
         assert rnd["raw_texts_per_s"] > 0
-        assert {"batching on", "batching on, KServe v2", "one batch at a time", "tei"} == set(rnd["served"])
+        entries = {"batching on", "batching on, repeated floats", "batching on, 32 texts a call"}
+        assert entries | {"batching on, KServe v2", "one batch at a time", "tei"} == set(rnd["served"])
         assert all(v["texts_per_s"] > 0 and v["failed"] == 0 for v in rnd["served"].values())
     served = sum(r["served"]["batching on"]["texts_per_s"] for r in paired["rounds"])
     raw = sum(r["raw_texts_per_s"] for r in paired["rounds"])
     assert doc["summary"]["efficiency"]["value"] == round(served / raw, 3)
+    big = sum(r["served"]["batching on, 32 texts a call"]["texts_per_s"] for r in paired["rounds"])
+    assert doc["summary"]["efficiency_big_calls"]["value"] == round(big / raw, 3)
+    assert paired["loads"]["batching on, 32 texts a call"] == {
+        "callers": 4,
+        "texts_per_call": 32,
+        "encoding": "f16",
+    }
+    assert paired["loads"]["batching on, repeated floats"]["encoding"] == "float"
     # The same server over KServe v2, in the same rounds; and a server of two models, alone and at once.
     over_v2 = sum(r["served"]["batching on, KServe v2"]["texts_per_s"] for r in paired["rounds"])
     assert doc["summary"]["kserve_ratio"]["value"] == pytest.approx(over_v2 / served, abs=2e-3)
     assert isinstance(doc["summary"]["two_models"]["met"], bool)
+    # CPU per call by thread group: the default server over its paired-round windows, the bare one over one.
+    cpu = doc["cpu"]
+    assert cpu["callers"] == 4 and list(cpu["targets"]) == ["batching on", "bare gRPC"]
+    ours, bare = cpu["targets"]["batching on"], cpu["targets"]["bare gRPC"]
+    assert ours["windows"] == 2 and bare["windows"] == 1 and ours["calls"] > 0 and bare["calls"] > 0
+    assert ours["server_cores"] > 0 and bare["server_cores"] > 0 and ours["client_cores"] > 0
+    assert set(ours["group_ms"]) == {"loop", "tokenize", "grpc", "other", "search", "model"}
+    assert bare["group_ms"]["tokenize"] == 0  # the bare server tokenises on its model thread
+    assert doc["summary"]["cpu_outside_model"]["value"] == ours["outside_model_ms"]
+    assert doc["summary"]["cpu_outside_model_floor"]["value"] == bare["outside_model_ms"]
     text = md.read_text()
+    for row in (
+        "| 4 callers, one text, packed vectors: served over raw | ",
+        "| 4 callers, one text, repeated floats: served over raw | ",
+        "| 4 callers x 32 texts: served over raw | ",
+        "| p99 over mean latency at 4 callers | ",
+        "| Highest open-loop rate with p99 <= 10x the lone-call p50, as a fraction of peak | ",
+        "| Lone-call overhead over the bare gRPC baseline | ",
+        "| batching on, 32 texts a call | 4 callers x 32 texts | ",
+    ):
+        assert row in text, row
     for heading in (
         "## Summary",
         "## Servers compared",
@@ -850,13 +896,21 @@ def check_suite(tiny_repo: Path, tmp_path: Path, peer: str) -> None:
         "### Open loop",
         "## Lone calls, interleaved",
         "## Efficiency at 4 callers, paired rounds",
+        "## CPU per call by thread group at 4 callers",
         "## Batching on against off",
         "## Two models in one server",
+        "## Memory: idle and after bursts",
         "## Overload",
         "## Fairness: one-text calls beside 2,000-text calls",
         "## Raw limit",
     ):
         assert heading in text
+    # The memory section, on a server of its own: idle, then rounds of bursts with the steps' window.
+    memory = doc["memory"]
+    assert memory["idle_rss_mib"] > 0 and 3 <= len(memory["rounds"]) <= 4  # the local child's /proc
+    assert memory["settings"]["load_s"] == 0.5 and memory["post_burst_rss_mib"] > 0
+    assert doc["summary"]["memory_ratio"]["value"] == memory["ratio"]
+    assert isinstance(doc["summary"]["memory_ratio"]["met"], bool)
     # The overload section, on a server of its own: the suite's steps' timing, the command's defaults.
     over = doc["overload"]
     assert over["capacity"]["step"]["concurrency"] == 64 and over["deadline_s"] == 2.0

@@ -443,7 +443,11 @@ async def test_suite_peers_join_the_lone_calls_the_paired_rounds_and_the_sweeps(
                 return raw_figure(1000.0)
 
             paired = await suite.paired_rounds(
-                cfg, workload, [(suite.DEFAULT, ours, None), ("peer", p.target, None)], raw_pass, None
+                cfg,
+                workload,
+                [suite.Entry(suite.DEFAULT, ours), suite.Entry("peer", p.target)],
+                raw_pass,
+                None,
             )
             steps = await suite.closed_then_open(
                 cfg,

@@ -346,7 +346,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     suite.add_argument("--concurrency", default="1,4,16,64,256", help="closed-loop sweep (1,4,16,64,256)")
     suite.add_argument(
         "--open-fractions",
-        default="0.25,0.5,0.7,0.8,0.9,1.0,1.1",
+        default="0.25,0.5,0.6,0.7,0.8,0.9,1.0,1.1",
         help="open-loop rates as fractions of the closed-loop peak (0.25,...,1.1)",
     )
     suite.add_argument("--compare", default="1,64", help="callers for batching on against off (1,64)")

@@ -88,7 +88,7 @@ class SuiteConfig:
     load: LoadSettings
     workload: WorkloadSpec
     concurrency: tuple[int, ...] = (1, 4, 16, 64, 256)
-    open_fractions: tuple[float, ...] = (0.25, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1)
+    open_fractions: tuple[float, ...] = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1)
     compare: tuple[int, ...] = (1, 64)
     raw_repeats: int = 3
     rounds: int = 6

@@ -16,6 +16,7 @@ Definitions used in every report:
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -384,4 +385,8 @@ async def run_step(
         raise ValueError("open loop needs a rate > 0")
     if plan.max_windows < 1 or plan.window_s <= 0 or plan.warmup_s < 0:
         raise ValueError("a step needs max_windows >= 1, window_s > 0 and warmup_s >= 0")
+    # Latency runs from the scheduled send, so a pause of this process counts against the server: what
+    # exists before the load (workload, channels) is frozen, so that the collector's full passes stay short.
+    gc.collect()
+    gc.freeze()
     return await _Step(plan, target, workload, progress, on_boundary).run()

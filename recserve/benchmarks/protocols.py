@@ -178,7 +178,8 @@ class Target(abc.ABC):
         self.endpoint = endpoint
         self.metrics_url: str | None = None
         """The Prometheus endpoint to scrape around each step (recserve targets), found by `check`."""
-        self._prepared: tuple[Workload, Calls] | None = None
+        # By the workload's id, the workload held so that its id cannot be reused while it is here.
+        self._prepared: dict[int, tuple[Workload, Calls]] = {}
 
     @property
     def name(self) -> str:
@@ -194,10 +195,12 @@ class Target(abc.ABC):
         """The workload's calls in this protocol, built once."""
 
     def calls(self, workload: Workload) -> Calls:
-        """`prepare`d once per workload: a sweep and the suite's rounds send the same ring many times."""
-        if self._prepared is None or self._prepared[0] is not workload:
-            self._prepared = (workload, self.prepare(workload))
-        return self._prepared[1]
+        """`prepare`d once per workload: a sweep and the suite's rounds send the same ring many times, and
+        the rounds load one target with several workloads in turn."""
+        held = self._prepared.get(id(workload))
+        if held is None:
+            held = self._prepared[id(workload)] = (workload, self.prepare(workload))
+        return held[1]
 
 
 # --- recserve ----------------------------------------------------------------------------------------------

@@ -358,13 +358,26 @@ class Round:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RoundLoad:
+    """What one entry of the paired rounds put on its target in each round's window."""
+
+    callers: int
+    texts_per_call: int
+    encoding: str
+    """Of the vectors asked for (workloads.WorkloadSpec.encoding); a recserve target's only."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class PairedRounds:
     """Raw passes and served windows taken turn about, so that a drifting machine cancels out."""
 
     callers: int
+    """The suite's load point: the most callers compared (an entry's own load is in `loads`)."""
     rounds: tuple[Round, ...]
     efficiency: dict[str, float | None]
-    """Per target: total served texts/s over total raw texts/s."""
+    """Per entry: total served texts/s over total raw texts/s."""
+    loads: dict[str, RoundLoad]
+    """Per entry: its load in every round."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -378,6 +391,41 @@ class SummaryItem:
     digits: int = 2
     target: str | None = field(default=None, metadata=_OPTIONAL)
     met: bool | None = field(default=None, metadata=_OPTIONAL)
+
+
+# --- CPU per call by thread group (cpu.py) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class CpuPerCall:
+    """A server's CPU by thread group over measured windows, per OK call, and the load generator's."""
+
+    windows: int
+    calls: int
+    """OK answers that arrived inside the windows (what throughput counts)."""
+    seconds: float
+    calls_per_s: float
+    group_ms: dict[str, float]
+    """Milliseconds of CPU per call by thread group (recserve/threads.py), the model's included; `other`
+    includes the threads that ended within the windows."""
+    ended_ms: float
+    """Of `other`: the process's CPU less its live threads' (threads that ended within the windows)."""
+    outside_model_ms: float
+    """The whole process's CPU less the model group's, per call."""
+    model_ms: float
+    server_cores: float
+    """The whole server process's CPU over the windows' length."""
+    client_cores: float
+    """The load generator (the benchmark's process, every thread) over the same spans, in cores."""
+    client_ms: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class CpuSplit:
+    """CPU per call by thread group at `callers` closed-loop callers, one text a call, per target."""
+
+    callers: int
+    targets: dict[str, CpuPerCall]
 
 
 # --- overload and soak -----------------------------------------------------------------------------------
@@ -449,6 +497,37 @@ class OverloadResult:
     """The highest RSS sampled over the levels."""
     pid: int | None
     fairness: FairnessProbe | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryRound:
+    """One burst round of the memory section (memory.py): big mixed-length calls, then the standard load."""
+
+    texts: int
+    """Texts of the round's big calls."""
+    seconds: float
+    load_texts_per_s: float
+    """The standard load's throughput after the big calls (64 callers, one text a call)."""
+    rss_mib: float | None
+    """Once the round ended and the server settled."""
+    rss_peak_mib: float | None
+    """The highest RSS sampled during the round."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryResult:
+    """The server's resident memory at idle (after start and warm-up) and after burst rounds (memory.py)."""
+
+    pid: int | None
+    idle_rss_mib: float | None
+    post_burst_rss_mib: float | None
+    """After the last round: where the RSS plateaued, or `max_rounds` ended."""
+    peak_rss_mib: float | None
+    ratio: float | None
+    """Post-burst over idle."""
+    plateaued: bool
+    rounds: tuple[MemoryRound, ...]
+    settings: dict[str, Json]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -744,9 +823,11 @@ class Document:
     reproduce_hint: str | None = field(default=None, metadata=_OPTIONAL)
     lone: LoneCalls | None = field(default=None, metadata=_OPTIONAL)
     paired: PairedRounds | None = field(default=None, metadata=_OPTIONAL)
+    cpu: CpuSplit | None = field(default=None, metadata=_OPTIONAL)
     sections: dict[str, list[str]] | None = field(default=None, metadata=_OPTIONAL)
     """Markdown sections after the series: heading -> lines."""
     overload: OverloadResult | None = field(default=None, metadata=_OPTIONAL)
     soak: SoakResult | None = field(default=None, metadata=_OPTIONAL)
     fleet: FleetResult | None = field(default=None, metadata=_OPTIONAL)
     gpu_check: GpuCheckResult | None = field(default=None, metadata=_OPTIONAL)
+    memory: MemoryResult | None = field(default=None, metadata=_OPTIONAL)

@@ -51,13 +51,15 @@ async def sweep(
     progress: ProgressLine | None,
     raw_texts_per_s: float | None = None,
     series: str = "",
+    on_boundary: BoundaryHook | None = None,
 ) -> list[StepResult]:
     """Runs the steps in order against one target; each step gets the server's view (when `metrics_url`
-    names a recserve server's metrics) and the raw ratio."""
+    names a recserve server's metrics) and the raw ratio. `on_boundary` is awaited at each window
+    boundary of every step too, before the scrape (cpu.CpuWatch reads /proc there)."""
     results = []
     for plan in plans:
         snaps: dict[int, Snapshot] = {}
-        hook = None if metrics_url is None else _scraper(metrics_url, snaps)
+        hook = _then(on_boundary, None if metrics_url is None else _scraper(metrics_url, snaps))
         step = await run_step(plan, target, workload, progress=progress, on_boundary=hook)
         first, last = step.boundaries
         if first in snaps and last in snaps:
@@ -79,5 +81,16 @@ def _scraper(url: str, into: dict[int, Snapshot]) -> BoundaryHook:
     async def hook(boundary: int) -> None:
         with contextlib.suppress(ScrapeError):  # a missed scrape loses the server view, not the step
             into[boundary] = await fetch_async(url)
+
+    return hook
+
+
+def _then(first: BoundaryHook | None, then: BoundaryHook | None) -> BoundaryHook | None:
+    if first is None or then is None:
+        return first or then
+
+    async def hook(boundary: int) -> None:
+        await first(boundary)
+        await then(boundary)
 
     return hook
