@@ -75,7 +75,7 @@ def start_as(name: str, nice: int = 0) -> None:
 
 
 def lower_priority(name: str, nice: int) -> None:
-    """Sets `nice` on every thread of this process named `name`; best effort.
+    """Sets `nice` on every thread of this process named `name`, unless it runs lower already; best effort.
 
     Linux keeps a nice value per thread, and raising one's own needs no privilege (lowering it back does).
     """
@@ -86,7 +86,10 @@ def lower_priority(name: str, nice: int) -> None:
     for tid in tids:
         with contextlib.suppress(OSError):
             if _comm(int(tid)).read_text().strip() == name[:_MAX_NAME]:
-                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+                # Never above the process's own priority (a server started under `nice` stays below it).
+                os.setpriority(
+                    os.PRIO_PROCESS, int(tid), max(nice, os.getpriority(os.PRIO_PROCESS, int(tid)))
+                )
 
 
 def name_grpc_poller() -> None:

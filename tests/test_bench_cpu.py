@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 
 from recserve.benchmarks import cpu, report, suite
-from recserve.benchmarks.config import SuiteConfig
 from recserve.benchmarks.cpu import CpuReading, CpuWindow, per_call
-from recserve.benchmarks.loadgen import LoadSettings
 from recserve.benchmarks.protocols import as_target
 from recserve.benchmarks.results import RawLimit, to_json
-from recserve.benchmarks.workloads import WorkloadSpec, build_workload
+from recserve.benchmarks.workloads import build_workload
 from recserve.client import AsyncClient
+from tests.support.bench import suite_config
 from tests.support.fake_server import FakeInference, fake_server
 from tests.test_bench_targets import raw_figure
 
@@ -141,13 +140,8 @@ async def test_the_paired_rounds_read_a_watched_server_at_its_own_windows(tmp_pa
     """The watch reads this process (the fake server runs in it) at the bounds of the default server's
     windows only: one window a round, its OK calls counted."""
     with fake_server(FakeInference(delay_s=0.001)) as server:
-        cfg = SuiteConfig(
-            model_repo=tmp_path,
-            out=tmp_path,
-            markdown=tmp_path / "BENCHMARKS.md",
-            threads=1,
-            load=LoadSettings(warmup_s=0.1, window_s=0.3, max_windows=1),
-            workload=WorkloadSpec(),
+        cfg = suite_config(
+            tmp_path,
             compare=(1, 4),
             rounds=2,
         )

@@ -11,8 +11,6 @@ import grpc.aio
 import pytest
 
 from recserve.benchmarks import report, suite
-from recserve.benchmarks.config import SuiteConfig
-from recserve.benchmarks.loadgen import LoadSettings
 from recserve.benchmarks.protocols import as_target
 from recserve.benchmarks.results import (
     Consistency,
@@ -33,6 +31,7 @@ from recserve.benchmarks.targets import TargetError
 from recserve.benchmarks.workloads import WorkloadSpec, build_workload
 from recserve.client import AsyncClient
 from recserve.v1 import inference_pb2 as pb
+from tests.support.bench import suite_config
 from tests.support.fake_server import FakeInference, fake_server
 from tests.test_bench_targets import raw_figure
 
@@ -132,18 +131,6 @@ def rendered(item: SummaryItem) -> str:
         line for line in report.markdown(doc, {}, "").splitlines() if line.startswith(f"| {item.title} |")
     ]
     return row
-
-
-def suite_config(tmp_path: Path, **kwargs: object) -> SuiteConfig:
-    return SuiteConfig(
-        model_repo=tmp_path,
-        out=tmp_path,
-        markdown=tmp_path / "BENCHMARKS.md",
-        threads=1,
-        load=LoadSettings(warmup_s=0.1, window_s=0.3, max_windows=1),
-        workload=WorkloadSpec(),
-        **kwargs,  # type: ignore[arg-type]
-    )
 
 
 # --- served over raw --------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from recserve.benchmarks import command, flags, report, suite
-from recserve.benchmarks.config import ConfigError, PeerSpec, SuiteConfig
-from recserve.benchmarks.loadgen import LoadSettings, StepPlan, run_step
+from recserve.benchmarks.config import ConfigError, PeerSpec
+from recserve.benchmarks.loadgen import StepPlan, run_step
 from recserve.benchmarks.protocols import (
     Endpoint,
     EndpointError,
@@ -35,7 +35,7 @@ from recserve.benchmarks.results import PeerInfo, RawLimit, SingleLatency, StepR
 from recserve.benchmarks.stats import latency_summary
 from recserve.benchmarks.workloads import Workload, WorkloadSpec, build_workload
 from recserve.client import AsyncClient
-from tests.support.bench import bench
+from tests.support.bench import bench, suite_config
 from tests.support.fake_server import FakeInference, fake_server, fake_vector
 from tests.support.stub_peers import KServeStub, OpenAIStub, TeiStub
 
@@ -412,13 +412,8 @@ async def test_suite_peers_join_the_lone_calls_the_paired_rounds_and_the_sweeps(
     """A recserve server (the fake) and an OpenAI-compatible peer through the suite's own parts."""
     with fake_server(FakeInference(delay_s=0.001)) as server, OpenAIStub() as stub:
         peer = PeerSpec("peer", parse_endpoint(f"openai+http://{stub.address}"))
-        cfg = SuiteConfig(
-            model_repo=tmp_path,
-            out=tmp_path,
-            markdown=tmp_path / "BENCHMARKS.md",
-            threads=1,
-            load=LoadSettings(warmup_s=0.1, window_s=0.3, max_windows=1),
-            workload=WorkloadSpec(),
+        cfg = suite_config(
+            tmp_path,
             concurrency=(1, 2),
             open_fractions=(0.5,),
             compare=(1, 2),

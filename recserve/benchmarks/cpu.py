@@ -86,7 +86,8 @@ def per_call(windows: Sequence[CpuWindow]) -> CpuPerCall:
         total = live
         if w.before.process is not None and w.after.process is not None:
             total = w.after.process - w.before.process
-        ended += total - live
+        # Clock ticks are summed per thread and for the process apart: a nil difference can read a tick low.
+        ended += max(0.0, total - live)
         process += total
         client += w.after.client - w.before.client
         elapsed += w.after.at - w.before.at
