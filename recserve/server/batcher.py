@@ -57,7 +57,7 @@ class BatcherConfig:
     (the text whose turn it is). Sorting the window by length alone lets a young text of the anchor's
     length jump the queue while older texts of other lengths wait on, which is what makes a closed loop's
     p99 twice its mean; with this floor a batch takes the anchor's contemporaries and the queue is served
-    close to arrival order, in smaller batches (docs/decisions/0005 has the trade-off). 0 = length only."""
+    close to arrival order, in smaller batches (docs/decisions/0008 has the trade-off). 0 = length only."""
     max_padding_ratio: float = 1.15
     """Padded / real tokens allowed in a batch of two or more texts: a longer text that would push the batch
     over it closes the batch instead. Lower pads less but cuts smaller batches; inf turns the check off
