@@ -30,7 +30,6 @@ from tritonclient.utils import InferenceServerException
 
 from recserve import __version__
 from recserve.kserve import grpc_service_pb2 as kpb
-from recserve.server.app import RunningServer
 from recserve.server.engine import probabilities_of
 from recserve.server.metrics import Name, total
 from recserve.v1 import inference_pb2 as pb
@@ -40,6 +39,7 @@ from tests.support.serving import (
     MiB,
     ServerThread,
     embed,
+    held_in_warm_up,
     serving,
     settings_for,
 )
@@ -689,37 +689,20 @@ def test_overload_is_resource_exhausted_before_any_work() -> None:
 
 
 def test_not_ready_while_warming_up() -> None:
-    bound: list[int] = []
-    is_bound, release = threading.Event(), threading.Event()
-
-    async def hold(server: RunningServer) -> None:
-        bound.append(server.port)
-        is_bound.set()
-        await asyncio.to_thread(release.wait, 30)
-
-    thread = ServerThread(settings_for(FAKE, **SETTINGS), fake_model(), before_ready=hold)
-    starter = threading.Thread(target=thread.start)
-    starter.start()
-    try:
-        assert is_bound.wait(30)
-        triton = grpcclient.InferenceServerClient(f"127.0.0.1:{bound[0]}")
+    with held_in_warm_up(settings_for(FAKE, **SETTINGS), fake_model()) as (port, finish):
+        triton = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
         assert triton.is_server_live()
         assert not triton.is_server_ready() and not triton.is_model_ready("fake")
         (entry,) = triton.get_model_repository_index().models
         assert (entry.state, entry.reason) == ("UNAVAILABLE", "the server is warming up")
-        stub = tpb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{bound[0]}"))
+        stub = tpb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         assert list(stub.RepositoryIndex(tpb.RepositoryIndexRequest(ready=True), timeout=5).models) == []
         code, message = refused(triton.infer, "fake", [texts_input(["x"])])
         assert (code, message) == ("UNAVAILABLE", "the server is warming up")
-        release.set()
-        starter.join(30)
+        finish()
         assert triton.is_server_ready() and triton.is_model_ready("fake")
         assert triton.infer("fake", [texts_input(["x"])]).as_numpy("EMBEDDING").shape == (1, 8)
         triton.close()
-    finally:
-        release.set()
-        starter.join(30)
-        thread.stop()
 
 
 def test_not_ready_while_draining() -> None:

@@ -3,10 +3,8 @@ lifecycle, admission and metrics, without torch or an exported model (tests/supp
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -21,7 +19,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from recserve.server import batcher as batcher_module
 from recserve.server import errors
-from recserve.server.app import RunningServer
 from recserve.server.metrics import Name, total
 from recserve.server.registry import SERVICE_NAME
 from recserve.server.service import status_code
@@ -36,6 +33,7 @@ from tests.support.serving import (
     assert_each_is_its_own,
     concurrent_single_text_calls,
     embed,
+    held_in_warm_up,
     serving,
     settings_for,
 )
@@ -513,33 +511,16 @@ def test_an_unexpected_failure_reaches_the_caller_as_internal_with_only_the_requ
 
 # --- lifecycle ------------------------------------------------------------------------------------------
 def test_not_serving_until_warm_up_ends() -> None:
-    bound: list[int] = []
-    is_bound, release = threading.Event(), threading.Event()
-
-    async def hold(server: RunningServer) -> None:
-        bound.append(server.port)
-        is_bound.set()
-        await asyncio.to_thread(release.wait, 30)
-
-    thread = ServerThread(settings_for(FAKE, **NO_HTTP), fake_model(), before_ready=hold)
-    starter = threading.Thread(target=thread.start)
-    starter.start()
-    try:
-        assert is_bound.wait(30)
-        channel = grpc.insecure_channel(f"127.0.0.1:{bound[0]}")
+    with held_in_warm_up(settings_for(FAKE, **NO_HTTP), fake_model()) as (port, finish):
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", SERVICE_NAME):
             assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == NOT_SERVING
         code, details = status_of(pb_grpc.InferenceStub(channel).Embed, pb.EmbedRequest(texts=["x"]))
         assert code == grpc.StatusCode.UNAVAILABLE and details == "the server is warming up"
-        release.set()
-        starter.join(30)
+        finish()
         assert health.Check(health_pb2.HealthCheckRequest()).status == SERVING
         assert embed(pb_grpc.InferenceStub(channel), ["x"]).shape == (1, 8)
-    finally:
-        release.set()
-        starter.join(30)
-        thread.stop()
 
 
 def test_a_dead_batch_loop_turns_the_server_not_serving(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -386,7 +386,7 @@ class Tokenizing:
         self._flush_scheduled = False
 
     async def encode(self, encode: Encode, texts: Sequence[str]) -> list[Encoded]:
-        if sum(len(text) for text in texts) <= self._inline_chars:
+        if self._inline_chars and sum(len(text) for text in texts) <= self._inline_chars:
             # A few short texts tokenise in tens of microseconds: less than the hop to a thread costs.
             return encode(texts)
         loop = asyncio.get_running_loop()

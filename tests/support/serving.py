@@ -152,6 +152,34 @@ def serving(
         thread.stop()
 
 
+@contextmanager
+def held_in_warm_up(settings: ServerSettings, model: Model) -> Iterator[tuple[int, Callable[[], None]]]:
+    """A server bound to its port but held before it turns ready: yields the port and `finish`, which lets
+    it finish starting and returns once it has (or after 30 s)."""
+    bound: list[int] = []
+    is_bound, release = threading.Event(), threading.Event()
+
+    async def hold(server: RunningServer) -> None:
+        bound.append(server.port)
+        is_bound.set()
+        await asyncio.to_thread(release.wait, 30)
+
+    thread = ServerThread(settings, model, before_ready=hold)
+    starter = threading.Thread(target=thread.start)
+
+    def finish() -> None:
+        release.set()
+        starter.join(30)
+
+    starter.start()
+    try:
+        assert is_bound.wait(30)
+        yield bound[0], finish
+    finally:
+        finish()
+        thread.stop()
+
+
 # --- calls, shared by the tests on the fake model and on real ones ----------------------------------------
 def embed(stub: pb_grpc.InferenceStub, texts: list[str], **fields: Any) -> np.ndarray:
     """Embed `texts` in PACKED_F32; the vectors as a [len(texts), dimension] array."""
