@@ -667,6 +667,7 @@ def test_overload_measures_capacity_and_probes_fairness(tmp_path: Path) -> None:
     for caller in (fair["reference"], fair["lone"]):
         assert caller["concurrency"] == 1 and caller["completed"] > 0 and caller["failed"] == 0
     assert fair["stream_calls"] > 0 and fair["stream_texts_per_s"] > 0
+    assert fair["model_texts_per_s"] is None  # the fake server has no metrics endpoint
     assert doc["summary"]["fairness_lone_p99"]["value"] == fair["lone"]["latency_ms"]["p99"]
     md = (tmp_path / "summary.md").read_text()
     assert "## Fairness: one-text calls beside 40-text calls" in md and "| beside the stream |" in md
@@ -919,6 +920,8 @@ def check_suite(tiny_repo: Path, tmp_path: Path, peer: str) -> None:
         check_level(level, over["capacity"]["calls_per_s"])
         assert level["rss_peak_mib"] > 0  # the local child's /proc
     assert over["fairness"]["texts_per_call"] == 2000 and over["fairness"]["lone"]["completed"] > 0
+    # The local child has metrics: what its batches ran for the stream, which answers count only coarsely.
+    assert over["fairness"]["model_texts_per_s"] > 0
     overload_rows = {"overload_goodput", "overload_refusal_p99", "overload_admitted_p99", "overload_rss"}
     assert overload_rows | {"fairness_lone_p99"} <= set(doc["summary"])
     assert all(isinstance(doc["summary"][key]["met"], bool) for key in overload_rows)

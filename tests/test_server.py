@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from recserve.manifest import Manifest
 from recserve.server.runtime import (
     CPU,
     CUDA,
+    OVERLAP_HOLD_S,
     OnnxBackend,
     RuntimeSelectionError,
     ThreadShare,
@@ -60,16 +62,21 @@ def test_concurrent_batches_default_to_two_on_a_multicore_cpu_only() -> None:
     assert default_concurrent_batches(CUDA, 16) == 1
 
 
-def test_thread_share_gives_every_thread_only_to_a_batch_that_starts_alone() -> None:
-    share = ThreadShare()
+def test_thread_share_gives_every_thread_only_to_a_batch_that_starts_into_an_idle_model() -> None:
+    now = [0.0]
+    share = ThreadShare(hold_s=0.1, clock=lambda: now[0])
     with share.enter() as first:
         with share.enter() as second:  # starts while the first runs
             pass
         with share.enter() as third:  # the first still runs
             pass
-    with share.enter() as later:  # everything finished: alone again
+    now[0] = 0.05
+    with share.enter() as soon:  # nothing runs, but batches overlapped 50 ms ago: load is on
         pass
-    assert (first, second, third, later) == (True, False, False, True)
+    now[0] = 0.2
+    with share.enter() as later:  # idle for longer than the hold: alone again
+        pass
+    assert (first, second, third, soon, later) == (True, False, False, False, True)
 
 
 # --- numerics through the server ----------------------------------------------------------------------
@@ -119,6 +126,7 @@ def test_concurrent_batches_share_the_threads_and_answer_the_same(tiny_repo: Pat
         backend.alone.run = spy("alone", backend.alone.run)  # type: ignore[method-assign]
         backend.shared.run = spy("shared", backend.shared.run)  # type: ignore[method-assign]
         got = concurrent_single_text_calls(shared.address, MANY_TEXTS)
+        time.sleep(2 * OVERLAP_HOLD_S)  # batches overlapped: the next lone one waits out the hold
         lone = embed(shared.stub(), MANY_TEXTS[:1])
     assert {"alone", "shared"} <= set(used)
     assert used[-1] == "alone"  # the lone call, with nothing else running

@@ -28,7 +28,7 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from recserve.benchmarks import report, summary
+from recserve.benchmarks import report, scrape, summary
 from recserve.benchmarks.config import (
     OverloadConfig,
     OverloadSettings,
@@ -270,6 +270,13 @@ class _Stream:
         )
 
 
+async def _batched_texts(subject: Subject) -> float | None:
+    """The texts the server has run in batches, from its metrics; None without them."""
+    if subject.metrics_url is None:
+        return None
+    return (await scrape.fetch_async(subject.metrics_url)).total("recserve_batch_size_sum")
+
+
 async def fairness_probe(
     subject: Subject, workload: Workload, s: OverloadSettings, progress: ProgressLine | None
 ) -> FairnessProbe:
@@ -295,13 +302,19 @@ async def fairness_probe(
             # beside it, its call could still be waiting when the window closed (a one-text call waits
             # some 20 s behind big ones on an unfair server) and the window would hold no call at all.
             await asyncio.sleep(s.warmup_s)
+            before = await _batched_texts(subject)
             start = loop.time()
             beside = await run_step(replace(lone, warmup_s=0.0), target, workload, progress=progress)
             ended = loop.time()
+            after = await _batched_texts(subject)
         finally:
             await stream.stop()
     calls, stream_texts, failed = stream.answered_between(start, ended)
     seconds = max(ended - start, 1e-9)
+    model_texts_per_s = None
+    if before is not None and after is not None:
+        served = after - before - beside.measured.completed
+        model_texts_per_s = round(max(served, 0.0) / seconds, 3)
     probe = FairnessProbe(
         texts_per_call=texts,
         stream_callers=s.probe_callers,
@@ -312,6 +325,7 @@ async def fairness_probe(
         stream_calls=calls,
         stream_texts_per_s=round(stream_texts / seconds, 3),
         stream_failed=failed,
+        model_texts_per_s=model_texts_per_s,
     )
     if progress is not None:
         progress.finish(
@@ -434,11 +448,16 @@ def overload_summary(result: OverloadResult) -> dict[str, SummaryItem]:
     fair = result.fairness
     if fair is not None:
         lone = fair.lone.measured
+        stream_rate = (
+            f"{fair.stream_texts_per_s:g} texts/s answered"
+            if fair.model_texts_per_s is None
+            else f"the server ran {fair.model_texts_per_s:g} of their texts/s"
+        )
         out["fairness_lone_p99"] = SummaryItem(
             title=f"One-text p99 beside {fair.texts_per_call:,}-text calls",
             value=fair.lone.measured.latency_ms.p99,
             how=f"one caller, one-text calls back to back, beside {fair.stream_callers} callers sending "
-            f"{fair.texts_per_call:,}-text Embed calls ({fair.stream_texts_per_s:g} texts/s); the same "
+            f"{fair.texts_per_call:,}-text Embed calls ({stream_rate}); the same "
             f"caller alone just before: p99 {fair.reference.measured.latency_ms.p99} ms"
             + (
                 f"; beside the stream {lone.failed} of its calls failed: {lone.errors}" if lone.failed else ""
@@ -551,14 +570,20 @@ def fairness_lines(fair: FairnessProbe) -> list[str]:
             ]
         )
     failed = f"; failed: {fair.stream_failed}" if fair.stream_failed else ""
+    ran = (
+        "the server's metrics give no batched texts"
+        if fair.model_texts_per_s is None
+        else f"the server's batches ran **{fair.model_texts_per_s:g} texts/s** of the stream's texts then"
+    )
     return [
         f"One caller sends one-text Embed calls back to back (the workload above, deadline "
         f"{fair.deadline_s:g} s): first alone, then beside {fair.stream_callers} callers on another channel "
         f"sending {fair.texts_per_call:,}-text Embed calls back to back, which had a warm-up of their own "
         "before the one-text caller started. The stream answered "
         f"{fair.stream_calls} big calls OK in the {fair.stream_seconds:g} s the one-text caller was "
-        f"measured: **{fair.stream_texts_per_s:g} texts/s**{failed}. Latencies are of the one-text "
-        "caller's OK calls; it sends its next call as soon as one fails, so `calls` counts the OK ones.",
+        f"measured ({fair.stream_texts_per_s:g} texts/s in answers){failed}; {ran}. Latencies are of the "
+        "one-text caller's OK calls; it sends its next call as soon as one fails, so `calls` counts the OK "
+        "ones.",
         "",
         *report.md_table(["one-text caller", "calls", "p50 ms", "p99 ms", "max ms", "failed"], rows),
     ]

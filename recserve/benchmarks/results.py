@@ -482,6 +482,10 @@ class FairnessProbe:
     """Big calls answered OK while the one-text caller was measured."""
     stream_texts_per_s: float
     stream_failed: dict[str, int]
+    model_texts_per_s: float | None = None
+    """Texts/s the server's batches ran for the stream while the one-text caller was measured (its metrics,
+    less the one-text calls): a 2,000-text call can take longer than the window, so its answers are a
+    coarse count. None without metrics."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 _RATE_BATCHES = 64
 # Admission by time keeps this share of a call's remaining deadline for its queue wait and its own work:
 # the estimate is an average, and a call admitted at the edge would often just miss its deadline.
-_DEADLINE_SHARE = 0.8
+_DEADLINE_SHARE = 0.5
 # Texts that arrived this close after the anchor (or within the batch's max_delay) are its contemporaries.
 _CONTEMPORARY_S = 0.002
 # A caller that goes away this close to its deadline is counted as expired (service.DEADLINE_SLACK_S).
@@ -47,7 +47,7 @@ class BatcherConfig:
     """Texts waiting, all requests together; a submit that would exceed it fails at once (Overloaded)."""
     max_queue_seconds: float = 5.0
     """Seconds of queued work (queued tokens / measured rate) a call may wait behind; a call that would
-    wait longer, or could not finish within 80% of its own deadline, fails at once (Overloaded)."""
+    wait longer, or could not finish within half its own deadline, fails at once (Overloaded)."""
     window_texts: int = 64
     """Look-ahead: the oldest this many queued texts are sorted by length before a batch is cut."""
     max_concurrent_batches: int = 1

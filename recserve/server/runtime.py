@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,25 +88,38 @@ def select_runtime(
     raise RuntimeSelectionError("the repository lists no variants")
 
 
+# How long after two batches last overlapped a batch that starts alone still counts as under load.
+OVERLAP_HOLD_S = 0.1
+
+
 class ThreadShare:
-    """Which session a batch runs on: the one with every thread when it runs alone, else a narrower one.
+    """Which session a batch runs on: the one with every thread when the model is idle, else a narrower one.
 
     On a CPU, one batch on all cores gives the lowest latency, but under load a single execution leaves
     cores idle: its threads wait for each other at every operator while the server's own Python work
     (gRPC, tokenising, pooling) preempts one of them. Splitting the cores between concurrent batches
     keeps every core busy instead. A lone batch on fewer threads would be slower, though, so a batch that
-    starts when nothing else runs still gets every thread. docs/decisions/0001 has the evidence.
+    starts when nothing else runs gets every thread, unless batches overlapped within the last `hold_s`:
+    then load is on, and a wide batch would share the cores with the narrow ones that start beside it
+    (three threads on two cores, the wide batch's pair stalling at every operator). docs/decisions/0001
+    has the evidence.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, hold_s: float = OVERLAP_HOLD_S, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._running = 0
+        self._hold_s = hold_s
+        self._clock = clock
+        self._overlapped = -math.inf  # when a batch last started beside another
 
     @contextlib.contextmanager
     def enter(self) -> Iterator[bool]:
-        """Counts one running batch; yields True when no other batch was running as it started."""
+        """Counts one running batch; yields True when it may take every thread (see the class)."""
         with self._lock:
-            alone = self._running == 0
+            now = self._clock()
+            if self._running:
+                self._overlapped = now
+            alone = self._running == 0 and now - self._overlapped > self._hold_s
             self._running += 1
         try:
             yield alone
