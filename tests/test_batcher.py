@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import math
 import random
@@ -630,3 +631,20 @@ async def test_a_young_text_does_not_jump_older_texts_of_other_lengths(
         assert harness.model.batches[1:] == [[(1, 10)], [(2, 40)], [(3, 10)]]
     else:
         assert harness.model.batches[1:] == [[(1, 10), (3, 10)], [(2, 40)]]
+
+
+async def test_a_tight_deadline_into_an_empty_queue_is_admitted_when_its_own_work_fits(
+    harness: Harness,
+) -> None:
+    """The safety margin is on the estimated wait, not on the call's own work: with nothing queued, a
+    deadline a little over one batch is admitted and served."""
+    harness.model.delay_s = 0.02
+    batcher = await harness.start(max_batch_size=2, max_delay_s=0.0)
+    await measure_rate(batcher)
+    batch_s = batcher._batch_s
+    assert batch_s > 0
+    now = asyncio.get_running_loop().time()
+    # Over the batch, but under twice it: a share of the whole deadline would refuse it at once.
+    admitted = batcher.submit([text(3, 5)], deadline=now + 1.5 * batch_s)
+    with contextlib.suppress(DeadlineExceeded):  # served or, on a slow machine, just late: both fine here
+        await settle(admitted)

@@ -24,8 +24,10 @@ logger = logging.getLogger(__name__)
 
 # How many recent batches the throughput estimate (and so the backlog gauge) looks back over.
 _RATE_BATCHES = 64
-# Admission by time keeps this share of a call's remaining deadline for its queue wait and its own work:
-# the estimate is an average, and a call admitted at the edge would often just miss its deadline.
+# Admission by time lets a call's estimated queue wait take at most this share of what its deadline leaves
+# after its own work: the estimate is an average that can be off by as much as itself, and a call admitted
+# at the edge would often just miss its deadline. Its own work is not discounted, so a tight deadline into
+# an empty queue is admitted whenever the work fits.
 _DEADLINE_SHARE = 0.5
 # Texts that arrived this close after the anchor (or within the batch's max_delay) are its contemporaries.
 _CONTEMPORARY_S = 0.002
@@ -47,7 +49,8 @@ class BatcherConfig:
     """Texts waiting, all requests together; a submit that would exceed it fails at once (Overloaded)."""
     max_queue_seconds: float = 5.0
     """Seconds of queued work (queued tokens / measured rate) a call may wait behind; a call that would
-    wait longer, or could not finish within half its own deadline, fails at once (Overloaded)."""
+    wait longer, or whose wait would take over half of what its deadline leaves after its own work, fails
+    at once (Overloaded)."""
     window_texts: int = 64
     """Look-ahead: the oldest this many queued texts are sorted by length before a batch is cut."""
     max_concurrent_batches: int = 1
@@ -430,11 +433,11 @@ class Batcher:
                     f"the call's deadline leaves {max(left, 0.0):.3f} s, less than its own work takes here "
                     f"(about {own_s:.3f} s): send a longer deadline"
                 )
-            needed = wait + own_s
-            if needed > _DEADLINE_SHARE * left:
+            if wait > _DEADLINE_SHARE * (left - own_s):
                 raise Overloaded(
-                    f"this call would need about {needed:.2f} s here (queue and its own work) and its "
-                    f"deadline leaves {max(left, 0.0):.2f} s: retry elsewhere or with a longer deadline"
+                    f"this call would wait about {wait:.2f} s here behind the queue, and its deadline leaves "
+                    f"{max(left, 0.0):.2f} s, too little to be sure of that and its own work (about "
+                    f"{own_s:.2f} s): retry elsewhere or with a longer deadline"
                 )
 
     def _check_room(self, texts: int, held: int) -> None:

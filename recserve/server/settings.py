@@ -110,7 +110,8 @@ class ServerSettings(BaseSettings):
         5.0,
         gt=0,
         description="seconds of queued work a call may wait behind (queued tokens / measured rate); a call"
-        " that would wait longer, or not finish within half its deadline, gets RESOURCE_EXHAUSTED at once",
+        " that would wait longer, or whose wait would take over half of what its deadline leaves after its"
+        " own work, gets RESOURCE_EXHAUSTED at once",
     )
     window_texts: int = Field(
         64,
