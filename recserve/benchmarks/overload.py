@@ -274,7 +274,7 @@ async def _batched_texts(subject: Subject) -> float | None:
     """The texts the server has run in batches, from its metrics; None without them."""
     if subject.metrics_url is None:
         return None
-    return (await scrape.fetch_async(subject.metrics_url)).total("recserve_batch_size_sum")
+    return scrape.batched_texts(await scrape.fetch_async(subject.metrics_url))
 
 
 async def fairness_probe(
@@ -571,7 +571,7 @@ def fairness_lines(fair: FairnessProbe) -> list[str]:
         )
     failed = f"; failed: {fair.stream_failed}" if fair.stream_failed else ""
     ran = (
-        "the server's metrics give no batched texts"
+        "the server has no metrics endpoint to count its batched texts"
         if fair.model_texts_per_s is None
         else f"the server's batches ran **{fair.model_texts_per_s:g} texts/s** of the stream's texts then"
     )

@@ -112,6 +112,11 @@ def _bucket(family: str) -> str:
     return f"{family}_bucket"
 
 
+def batched_texts(snapshot: Snapshot) -> float:
+    """The texts the server has run in batches, every model together."""
+    return snapshot.total(_sum(Name.BATCH_SIZE))
+
+
 def histogram_delta(before: Snapshot, after: Snapshot, family: str) -> dict[str, int]:
     """Observations per bucket during the step, not cumulative: upper bound (as text) -> count."""
     # Summed over every other label (the model): one cumulative count per upper bound.

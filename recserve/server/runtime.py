@@ -132,8 +132,9 @@ class OnnxBackend:
     """The Backend of a model repository: padded batches through ORT, pooled (server/model.py's contract).
 
     On the CPU with `concurrent_batches` > 1 it holds two sessions of the same file: one with
-    `intra_op_threads` for a batch that starts alone, and one with `intra_op_threads // concurrent_batches`
-    for a batch that starts while others run (see ThreadShare). On CUDA the GPU does the work: one session.
+    `intra_op_threads` for a batch that starts into an idle model, and one with
+    `intra_op_threads // concurrent_batches` for any other (see ThreadShare). On CUDA the GPU does the
+    work: one session.
     """
 
     def __init__(
@@ -160,7 +161,7 @@ class OnnxBackend:
             self.selection = Selection(
                 selection.precision, self.alone.provider, f"{selection.provider} failed to load"
             )
-        # Threads of a batch that starts alone, and of one that starts while others run.
+        # Threads of a batch that starts into an idle model, and of any other.
         shared_threads = intra_op_threads
         if self.provider == CPU:
             shared_threads = max(1, intra_op_threads // concurrent_batches)
