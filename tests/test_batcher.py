@@ -334,6 +334,20 @@ async def test_full_queue_rejects_at_once(harness: Harness) -> None:
     assert sorted(harness.model.tags()) == [1, 2, 3, 6, BLOCKER]
 
 
+async def test_idle_means_nothing_runs_and_nothing_waits(harness: Harness) -> None:
+    batcher = await harness.start(max_delay_s=0.01)
+    assert batcher.idle
+    with batcher.reserve(1):  # being tokenised is not the model's work yet
+        assert batcher.idle
+    blocked = await harness.occupy_model(batcher)
+    assert not batcher.idle  # a batch runs
+    queued = batcher.submit([text(1, 5)])
+    harness.model.gate.set()
+    await settle(blocked)
+    await settle(queued)
+    assert batcher.idle
+
+
 async def test_reserved_room_counts_against_the_queue_until_used_or_released(harness: Harness) -> None:
     batcher = await harness.start(max_queue_texts=4, max_delay_s=0.01)
     blocked = await harness.occupy_model(batcher)

@@ -94,3 +94,41 @@ def test_a_caller_that_left_before_its_turn_is_not_tokenised() -> None:
             assert encode.calls == [["first"], ["kept"]]
 
     asyncio.run(main())
+
+
+class OnThread(Counting):
+    """Also records the thread each call ran on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def __call__(self, texts: Sequence[str]) -> list[Encoded]:
+        self.threads.append(threading.get_ident())
+        return super().__call__(texts)
+
+
+def test_a_short_call_is_tokenised_on_the_loop_only_while_the_model_is_idle() -> None:
+    async def main() -> None:
+        model_idle = True
+        with ThreadPoolExecutor(1) as pool:
+            tokenizing = Tokenizing(pool, 1, inline_chars=8, model_idle=lambda: model_idle)
+            encode = OnThread()
+            assert await _run(tokenizing, encode, ["short"]) == [5]  # idle, short: on the loop
+            assert await _run(tokenizing, encode, ["longer than 8"]) == [13]  # too long: a thread
+            model_idle = False
+            assert await _run(tokenizing, encode, ["short"]) == [5]  # the model is busy: a thread
+            loop_thread = threading.get_ident()
+            assert [t == loop_thread for t in encode.threads] == [True, False, False]
+
+    asyncio.run(main())
+
+
+def test_an_inline_tokenizer_error_fails_its_call() -> None:
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            tokenizing = Tokenizing(pool, 1, inline_chars=8)
+            with pytest.raises(ValueError, match="broke"):
+                await _run(tokenizing, Counting(), ["boom"])
+
+    asyncio.run(main())

@@ -521,6 +521,11 @@ class Batcher:
         return self._task is not None and not self._closing and not self._dead
 
     @property
+    def idle(self) -> bool:
+        """No batch runs and no text waits: a call submitted now starts at once."""
+        return self._running == 0 and self._queued_texts == 0
+
+    @property
     def stats(self) -> BatcherStats:
         """The queue, the running batches and recent throughput (for the backlog gauge)."""
         return BatcherStats(self._queued_texts, self._queued_tokens, self._running, self._rate)
