@@ -166,7 +166,8 @@ class Runner:
 
 def encode(tokenizer: Tokenizer, items: Sequence[Item]) -> list[Encoded]:
     """Texts (or (query, candidate) pairs) through a repository's tokenizer.json, unpadded."""
-    return [tensors.encoded(e) for e in tokenizer.encode_batch(list(items))]
+    # _fast: without the character offsets, which nothing here reads (about 15% less CPU).
+    return [tensors.encoded(e) for e in tokenizer.encode_batch_fast(list(items))]
 
 
 class TextRunner:

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from recserve.server import engine
 from recserve.server.engine import CHUNK_TEXTS, Tokenizing
 from recserve.tensors import Encoded
 
@@ -130,5 +131,36 @@ def test_an_inline_tokenizer_error_fails_its_call() -> None:
             tokenizing = Tokenizing(pool, 1, inline_chars=8)
             with pytest.raises(ValueError, match="broke"):
                 await _run(tokenizing, Counting(), ["boom"])
+
+    asyncio.run(main())
+
+
+def test_while_the_model_is_busy_calls_of_later_loop_turns_share_a_hop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine, "GATHER_S", 0.2)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            tokenizing, encode = Tokenizing(pool, 1, model_idle=lambda: False), Counting()
+            first = asyncio.ensure_future(_run(tokenizing, encode, ["first"]))
+            for _ in range(3):
+                await asyncio.sleep(0)  # later turns of the loop, well inside the gathering time
+            second = asyncio.ensure_future(_run(tokenizing, encode, ["second"]))
+            assert await asyncio.wait_for(asyncio.gather(first, second), 5) == [[5], [6]]
+            assert encode.calls == [["first", "second"]]
+
+    asyncio.run(main())
+
+
+def test_a_full_chunk_goes_at_once_while_the_model_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "GATHER_S", 60.0)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            tokenizing, encode = Tokenizing(pool, 1, model_idle=lambda: False), Counting()
+            texts = [f"t{i}" for i in range(CHUNK_TEXTS)]
+            rows = await asyncio.wait_for(_run(tokenizing, encode, texts), 5)  # not 60 s
+            assert rows == [len(t) for t in texts]
 
     asyncio.run(main())

@@ -342,6 +342,11 @@ async def serve(settings: ServerSettings) -> int:
     # Imported here: the composition root above never needs onnxruntime, the real model does.
     from recserve.server.runtime import load_model
 
+    # NOTE: the tokeniser threads are the parallelism; the tokenizers library's own pool (rayon, one
+    # thread per core) would spread each gathered chunk over every core, beside the model's threads, at
+    # a cost (decision 0008). Before the first encode: the pool starts on first use.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
     # Fails on an unusable TLS or token file before the model loads (running_server reads them again).
     Security.from_settings(settings)
     models = []

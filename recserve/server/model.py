@@ -16,7 +16,8 @@ from recserve.tensors import Encoded, FloatArray
 
 
 class Tokenizer(Protocol):
-    """Tokenises for the model, truncating at its max length, never padding; called from worker threads."""
+    """Tokenises for the model, truncating at its max length, never padding; called from worker threads
+    (and from the loop for a short call while the model is idle)."""
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]: ...
 
