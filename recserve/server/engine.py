@@ -378,9 +378,9 @@ class Tokenizing:
     back costs several times that in CPU (a future, a wake-up, the GIL changing hands, the loop's
     wake-up), and under load one-text calls arrive by the dozen. So the chunks that arrive in one turn
     of the event loop, or while every thread is busy, go to a thread together, up to one chunk's bounds
-    (CHUNK_TEXTS, CHUNK_CHARS), in one tokenizer call and one hop. A chunk whose caller has gone before
-    its turn is skipped. Chunks of different encode functions (texts, or pairs with one query) never
-    share a call.
+    (CHUNK_TEXTS, CHUNK_CHARS), in one tokenizer call and one hop; while the model is busy, so do those
+    of the next GATHER_S. A chunk whose caller has gone before its turn is skipped. Chunks of different
+    encode functions (texts, or pairs with one query) never share a call.
 
     A short call (at most `inline_chars` characters) that arrives while the model is idle is tokenised on
     the loop instead: nothing else waits on the loop then, and the call's latency is all on its own
