@@ -1,5 +1,6 @@
 """Tokenising gathered across calls (engine.Tokenizing): one tokenizer call for the chunks of many calls,
-each call its own rows, a broken text failing only its call, and a gone caller's chunk skipped."""
+each call its own rows, a broken text failing only its call, and a gone caller's chunk skipped; a short
+call on the loop only while the model is idle, and later calls sharing a hop while it is busy."""
 
 from __future__ import annotations
 
