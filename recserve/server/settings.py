@@ -91,7 +91,7 @@ class ServerSettings(BaseSettings):
         " (a hop that costs a lone call about 0.4 ms); 0 = never",
     )
     model_threads_nice: int = Field(
-        5,
+        10,
         ge=0,
         le=19,
         description="nice value of the model's threads (ORT's pool too): above 0, when the cores are busy,"
