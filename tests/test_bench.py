@@ -610,6 +610,7 @@ def test_overload_steps_run_at_multiples_of_the_capacity_and_their_counts_add_up
     for level in over["levels"]:
         check_level(level, 200.0)
         assert level["rss_end_mib"] is None and level["rss_peak_mib"] is None  # no --pid
+        assert "cpu" not in level
     at_3x = over["levels"][-1]["outcomes"]["statuses"]
     assert at_3x["RESOURCE_EXHAUSTED"]["calls"] > 0 and at_3x["RESOURCE_EXHAUSTED"]["latency_ms"]["p99"] > 0
     rows = doc["summary"]
@@ -659,6 +660,10 @@ def test_overload_measures_capacity_and_probes_fairness(tmp_path: Path) -> None:
     for level in over["levels"]:
         check_level(level, cap)
         assert level["rss_end_mib"] > 0 and level["rss_peak_mib"] >= level["rss_end_mib"] > 0
+        # Its CPU over the window, per OK call: the process stands in for both the server and the generator.
+        cpu = level["cpu"]
+        assert cpu["windows"] == 1 and cpu["calls"] == round(level["step"]["calls_per_s"] * cpu["seconds"])
+        assert cpu["server_cores"] > 0 and cpu["client_cores"] > 0 and cpu["model_ms"] == 0.0
     assert over["pid"] == os.getpid() and over["rss_before_mib"] > 0
     assert over["rss_peak_mib"] == max(lv["rss_peak_mib"] for lv in over["levels"])
     assert isinstance(doc["summary"]["overload_rss"]["met"], bool)
@@ -671,6 +676,10 @@ def test_overload_measures_capacity_and_probes_fairness(tmp_path: Path) -> None:
     assert doc["summary"]["fairness_lone_p99"]["value"] == fair["lone"]["latency_ms"]["p99"]
     md = (tmp_path / "summary.md").read_text()
     assert "## Fairness: one-text calls beside 40-text calls" in md and "| beside the stream |" in md
+    assert "| model cores | server cores outside the model | load generator cores |" in md
+    # Where the lowest level's goodput went, beside the first level's, when the first is not the lowest.
+    ratios = [lv["goodput_ratio"] for lv in over["levels"]]
+    assert ("the load generator" in doc["summary"]["overload_goodput"]["how"]) == (ratios[1] < ratios[0])
 
 
 def test_soak_reads_the_process_before_and_after_and_compares_the_first_and_last_windows(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -36,6 +37,7 @@ from recserve.benchmarks.config import (
     settings,
     workload_of,
 )
+from recserve.benchmarks.cpu import CpuWatch
 from recserve.benchmarks.loadgen import LoadSettings, run_step
 from recserve.benchmarks.process import SAMPLE_EVERY_S, RssWatch, rss_mib
 from recserve.benchmarks.protocols import as_target
@@ -186,6 +188,7 @@ async def overload_levels(
         plan = replace(
             load.plan("open", rate=rate, arrival="poisson", seed=workload.spec.seed), outcomes=True
         )
+        cpu = None if subject.pid is None else CpuWatch(subject.pid)
         async with RssWatch(subject.pid) as watch:
             (step,) = await sweep(
                 as_target(subject.client),
@@ -194,7 +197,10 @@ async def overload_levels(
                 metrics_url=subject.metrics_url,
                 progress=progress,
                 series=f"overload {level:g}x",
+                on_boundary=None if cpu is None else cpu.at_boundary,
             )
+        if cpu is not None:
+            cpu.add(step)
         outcomes = step.outcomes
         assert outcomes is not None  # the plan asked for them
         ratio = round(outcomes.goodput_per_s / capacity, 3)
@@ -207,6 +213,7 @@ async def overload_levels(
                 rss_end_mib=watch.end,
                 rss_peak_mib=watch.peak,
                 step=step,
+                cpu=None if cpu is None else cpu.result(),
             )
         )
         if progress is not None:
@@ -377,6 +384,24 @@ def steps_of(result: OverloadResult) -> list[StepResult]:
 # --- the report ------------------------------------------------------------------------------------------
 
 
+def _cpu_text(levels: Sequence[OverloadLevel]) -> str:
+    """Where the lowest level's goodput went, in cores, beside the first level's; empty without readings."""
+    rated = [lv for lv in levels if lv.goodput_ratio is not None and lv.cpu is not None]
+    if len(rated) < 2:
+        return ""
+    first, low = rated[0], min(rated, key=lambda lv: lv.goodput_ratio or 0.0)
+    if low is first:
+        return ""
+    a, b = first.cpu, low.cpu
+    assert a is not None and b is not None  # rated
+    return (
+        f"; the model's threads ran {b.cores(b.model_ms):.2f} cores at {low.level:g}x against "
+        f"{a.cores(a.model_ms):.2f} at {first.level:g}x, while the server's other threads took "
+        f"{b.cores(b.outside_model_ms):.2f} (against {a.cores(a.outside_model_ms):.2f}) and the load "
+        f"generator {b.client_cores:.2f} (against {a.client_cores:.2f}) (below)"
+    )
+
+
 def overload_summary(result: OverloadResult) -> dict[str, SummaryItem]:
     """The issue's targets as met/missed rows, and the fairness figure beside them."""
     levels = result.levels
@@ -389,7 +414,7 @@ def overload_summary(result: OverloadResult) -> dict[str, SummaryItem]:
         title="Overload: goodput over capacity, lowest level",
         value=min(ratios, default=None),
         how=f"OK answers within the {result.deadline_s:g} s deadline per second, over the capacity "
-        f"({cap:g} calls/s); per level: {ratio_text}",
+        f"({cap:g} calls/s); per level: {ratio_text}{_cpu_text(levels)}",
         digits=3,
         target=f">= {GOODPUT_TARGET} at every level",
         met=bool(levels) and len(ratios) == len(levels) and min(ratios) >= GOODPUT_TARGET,
@@ -496,6 +521,9 @@ def level_lines(result: OverloadResult) -> list[str]:
         "RSS end MiB",
         "RSS peak MiB",
     ]
+    with_cpu = any(lv.cpu is not None for lv in levels)
+    if with_cpu:
+        header += ["model cores", "server cores outside the model", "load generator cores"]
     rows = []
     for lv in levels:
         o = lv.outcomes
@@ -519,6 +547,17 @@ def level_lines(result: OverloadResult) -> list[str]:
                 _fmt(lv.rss_peak_mib),
             ]
         )
+        if with_cpu:
+            c = lv.cpu
+            rows[-1] += (
+                ["-"] * 3
+                if c is None
+                else [
+                    _fmt(c.cores(c.model_ms), 2),
+                    _fmt(c.cores(c.outside_model_ms), 2),
+                    _fmt(c.client_cores, 2),
+                ]
+            )
     cap = result.capacity
     first = levels[0].step.plan if levels else None
     timing = (
@@ -539,7 +578,15 @@ def level_lines(result: OverloadResult) -> list[str]:
         "the window (share). Latencies run from the scheduled send; *refused* is RESOURCE_EXHAUSTED, "
         "*admitted* every other answered call. *Late*: calls the client itself sent over 5 ms behind "
         f"schedule. RSS: VmRSS of the server process at the end of the level and its peak (sampled every "
-        f"{SAMPLE_EVERY_S:g} s); {rss}.",
+        f"{SAMPLE_EVERY_S:g} s); {rss}."
+        + (
+            " Cores, over the window, from /proc: the server's model threads (ONNX Runtime's pool "
+            "included), its other threads (the event loop, gRPC, tokenising: where each refusal is "
+            "answered), and the load generator (this process), which shares the machine's "
+            f"{os.cpu_count()} cores with the server here: what they take, the model cannot have."
+            if with_cpu
+            else ""
+        ),
         "",
         *report.md_table(header, rows),
     ]

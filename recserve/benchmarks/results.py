@@ -419,6 +419,10 @@ class CpuPerCall:
     """The load generator (the benchmark's process, every thread) over the same spans, in cores."""
     client_ms: float
 
+    def cores(self, ms_per_call: float) -> float:
+        """A per-call figure of this split (a group's, the model's, outside the model) as cores."""
+        return round(ms_per_call * self.calls / self.seconds / 1000.0, 3) if self.seconds > 0 else 0.0
+
 
 @dataclass(frozen=True, kw_only=True)
 class CpuSplit:
@@ -464,6 +468,9 @@ class OverloadLevel:
     rss_peak_mib: float | None
     """The highest RSS sampled during the step."""
     step: StepResult
+    cpu: CpuPerCall | None = field(default=None, metadata=_OPTIONAL)
+    """The server's CPU by thread group and the load generator's over the window (with the server's pid);
+    per OK call, so `cores` turns it into what each took of the machine."""
 
 
 @dataclass(frozen=True, kw_only=True)
