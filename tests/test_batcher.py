@@ -348,6 +348,24 @@ async def test_idle_means_nothing_runs_and_nothing_waits(harness: Harness) -> No
     assert batcher.idle
 
 
+async def test_free_means_a_slot_is_free_and_nothing_waits(harness: Harness) -> None:
+    """Free (a call submitted now starts at once) is wider than idle: a batch may run beside it."""
+    batcher = await harness.start(max_batch_size=1, max_concurrent_batches=2)
+    assert batcher.free and batcher.idle
+    harness.model.gate.clear()
+    first = batcher.submit([text(1, 5)])
+    await harness.model.wait_entered(1)
+    assert batcher.free and not batcher.idle  # one of two slots runs
+    second = batcher.submit([text(2, 5)])
+    await harness.model.wait_entered(1)
+    assert not batcher.free  # both slots run
+    third = batcher.submit([text(3, 5)])
+    assert not batcher.free  # and a text waits
+    harness.model.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, second, third), 5)
+    assert batcher.free and batcher.idle
+
+
 async def test_reserved_room_counts_against_the_queue_until_used_or_released(harness: Harness) -> None:
     batcher = await harness.start(max_queue_texts=4, max_delay_s=0.01)
     blocked = await harness.occupy_model(batcher)

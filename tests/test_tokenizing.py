@@ -1,6 +1,7 @@
 """Tokenising gathered across calls (engine.Tokenizing): one tokenizer call for the chunks of many calls,
 each call its own rows, a broken text failing only its call, and a gone caller's chunk skipped; a short
-call on the loop only while the model is idle, and later calls sharing a hop while it is busy."""
+call on the loop only while the model is idle, and later calls sharing a hop while no execution slot is
+free (a call waits for a running batch then anyway), not while one is."""
 
 from __future__ import annotations
 
@@ -136,14 +137,17 @@ def test_an_inline_tokenizer_error_fails_its_call() -> None:
     asyncio.run(main())
 
 
-def test_while_the_model_is_busy_calls_of_later_loop_turns_share_a_hop(
+def test_while_no_slot_is_free_calls_of_later_loop_turns_share_a_hop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(engine, "GATHER_S", 0.2)
 
     async def main() -> None:
         with ThreadPoolExecutor(1) as pool:
-            tokenizing, encode = Tokenizing(pool, 1, model_idle=lambda: False), Counting()
+            tokenizing, encode = (
+                Tokenizing(pool, 1, model_idle=lambda: False, model_free=lambda: False),
+                Counting(),
+            )
             first = asyncio.ensure_future(_run(tokenizing, encode, ["first"]))
             for _ in range(3):
                 await asyncio.sleep(0)  # later turns of the loop, well inside the gathering time
@@ -154,12 +158,32 @@ def test_while_the_model_is_busy_calls_of_later_loop_turns_share_a_hop(
     asyncio.run(main())
 
 
-def test_a_full_chunk_goes_at_once_while_the_model_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_while_a_slot_is_free_a_call_is_not_held_for_later_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch runs, but another could start beside it: the call would start at once, so it hops at the end
+    of its loop turn (with the calls of that turn), not after the gathering time."""
     monkeypatch.setattr(engine, "GATHER_S", 60.0)
 
     async def main() -> None:
         with ThreadPoolExecutor(1) as pool:
-            tokenizing, encode = Tokenizing(pool, 1, model_idle=lambda: False), Counting()
+            tokenizing = Tokenizing(pool, 1, model_idle=lambda: False, model_free=lambda: True)
+            encode = Counting()
+            rows = await asyncio.wait_for(
+                asyncio.gather(_run(tokenizing, encode, ["one"]), _run(tokenizing, encode, ["three"])), 5
+            )  # not 60 s
+            assert rows == [[3], [5]] and encode.calls == [["one", "three"]]
+
+    asyncio.run(main())
+
+
+def test_a_full_chunk_goes_at_once_while_no_slot_is_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "GATHER_S", 60.0)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            tokenizing, encode = (
+                Tokenizing(pool, 1, model_idle=lambda: False, model_free=lambda: False),
+                Counting(),
+            )
             texts = [f"t{i}" for i in range(CHUNK_TEXTS)]
             rows = await asyncio.wait_for(_run(tokenizing, encode, texts), 5)  # not 60 s
             assert rows == [len(t) for t in texts]

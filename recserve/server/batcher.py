@@ -522,8 +522,14 @@ class Batcher:
 
     @property
     def idle(self) -> bool:
-        """No batch runs and no text waits: a call submitted now starts at once."""
+        """No batch runs and no text waits: a call submitted now starts at once, alone."""
         return self._running == 0 and self._queued_texts == 0
+
+    @property
+    def free(self) -> bool:
+        """An execution slot is free and no text waits: a call submitted now starts at once (beside the
+        batches running, if any)."""
+        return self._running < self._config.max_concurrent_batches and self._queued_texts == 0
 
     @property
     def stats(self) -> BatcherStats:

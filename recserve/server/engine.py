@@ -34,8 +34,8 @@ Similarity = Literal["cosine", "dot"]
 # (and the calls queued behind it) for seconds.
 CHUNK_TEXTS = 64
 CHUNK_CHARS = 256 * 1024
-# While the model is busy, a call waits this long for the calls after it to share its tokeniser hop: it
-# waits for the running batch anyway, and one hop per call cost more CPU than the tokenising (0008).
+# While no execution slot is free, a call waits this long for the calls after it to share its tokeniser hop:
+# it waits for a running batch anyway, and one hop per call cost more CPU than the tokenising (0008).
 GATHER_S = 0.001
 
 
@@ -101,7 +101,11 @@ class Engine:
         self.manifest = manifest
         self._tokenizer = tokenizer
         self._tokenizing = Tokenizing(
-            tokenize_executor, tokenizer_threads, inline_tokenize_chars, model_idle=lambda: batcher.idle
+            tokenize_executor,
+            tokenizer_threads,
+            inline_tokenize_chars,
+            model_idle=lambda: batcher.idle,
+            model_free=lambda: batcher.free,
         )
         self.batcher = batcher
         self.limits = limits
@@ -378,9 +382,10 @@ class Tokenizing:
     back costs several times that in CPU (a future, a wake-up, the GIL changing hands, the loop's
     wake-up), and under load one-text calls arrive by the dozen. So the chunks that arrive in one turn
     of the event loop, or while every thread is busy, go to a thread together, up to one chunk's bounds
-    (CHUNK_TEXTS, CHUNK_CHARS), in one tokenizer call and one hop; while the model is busy, so do those
-    of the next GATHER_S. A chunk whose caller has gone before its turn is skipped. Chunks of different
-    encode functions (texts, or pairs with one query) never share a call.
+    (CHUNK_TEXTS, CHUNK_CHARS), in one tokenizer call and one hop; while no execution slot is free (or
+    texts already wait: `model_free` is False), so do those of the next GATHER_S. A chunk whose caller
+    has gone before its turn is skipped. Chunks of different encode functions (texts, or pairs with one
+    query) never share a call.
 
     A short call (at most `inline_chars` characters) that arrives while the model is idle is tokenised on
     the loop instead: nothing else waits on the loop then, and the call's latency is all on its own
@@ -394,11 +399,13 @@ class Tokenizing:
         threads: int,
         inline_chars: int = 0,
         model_idle: Callable[[], bool] = lambda: True,
+        model_free: Callable[[], bool] = lambda: True,
     ) -> None:
         self._executor = executor
         self._threads = threads
         self._inline_chars = inline_chars
         self._model_idle = model_idle
+        self._model_free = model_free
         self._pending: deque[_Chunk] = deque()
         self._busy = 0
         self._pending_texts = 0
@@ -417,13 +424,13 @@ class Tokenizing:
         future: asyncio.Future[list[Encoded]] = loop.create_future()
         self._pending.append(_Chunk(encode, texts, future))
         self._pending_texts += len(texts)
-        if self._pending_texts >= CHUNK_TEXTS or self._model_idle():
+        if self._pending_texts >= CHUNK_TEXTS or self._model_free():
             # At the end of this turn of the loop: the calls that arrived in it go together.
             if self._soon is None:
                 self._soon = loop.call_soon(self._flush)
         elif self._soon is None and self._later is None:
-            # The model is busy, so the call waits for its batch anyway: the calls of the next
-            # GATHER_S go to a thread with it, in one hop.
+            # No execution slot is free, so the call waits for a running batch anyway: the calls of
+            # the next GATHER_S go to a thread with it, in one hop.
             self._later = loop.call_later(GATHER_S, self._flush)
         return await future
 
