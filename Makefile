@@ -33,8 +33,13 @@ serve: $(VENV)/.installed $(MODEL_REPO)/manifest.json
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
+# Running servers of other stacks join the same run as peers (NAME=URL, space-separated), e.g. infinity
+# on the same model file, started in another shell by benchmarks/peers/infinity.sh:
+#   make bench BENCH_PEERS=infinity=openai+http://127.0.0.1:7997/embeddings
+BENCH_PEERS ?=
 bench: $(VENV)/.installed $(MODEL_REPO)/manifest.json
-	$(BIN)/recserve bench suite --model-repo $(MODEL_REPO) --out benchmarks/results --markdown BENCHMARKS.md
+	$(BIN)/recserve bench suite --model-repo $(MODEL_REPO) --out benchmarks/results --markdown BENCHMARKS.md \
+		$(foreach peer,$(BENCH_PEERS),--peer $(peer))
 
 # Ten minutes at 0.7 of capacity with the mixed workload: leaks and drift. Not part of `make bench` or CI.
 bench-soak: $(VENV)/.installed $(MODEL_REPO)/manifest.json
