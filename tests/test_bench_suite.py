@@ -22,6 +22,7 @@ from recserve.benchmarks.results import (
     Round,
     RoundLoad,
     Served,
+    SingleLatency,
     StepResult,
     StepSettings,
     SummaryItem,
@@ -250,6 +251,25 @@ def test_lone_call_overhead_over_the_bare_baseline() -> None:
     slow = suite.over_bare(lone(raw=6.0, bare=8.6, default=9.2))
     assert slow is not None and slow.value == 0.6 and slow.met is False
     assert suite.over_bare(lone(raw=6.0, default=9.0)) is None
+
+
+@pytest.mark.parametrize(
+    ("before", "during", "noted"), [(6.0, 6.5, False), (6.0, 8.9, False), (5.7, 15.5, True)]
+)
+def test_lone_calls_on_a_machine_of_another_speed_than_the_raw_pass_carry_a_note(
+    before: float, during: float, noted: bool
+) -> None:
+    """The raw model's one-text p50 in the raw pass against the same in the lone calls: 1.5x apart or
+    more, the machine changed speed in between, and the section and the run's notes say so."""
+    summary = LatencySummary(p50=before, p90=before, p99=before, p99_9=before, max=before, mean=before)
+    raw = replace(raw_figure(200.0), single=SingleLatency(calls=100, latency_ms=summary))
+    calls = lone(raw=during, bare=during + 1.5, default=during + 1.6)
+    note = suite.lone_drift_note(raw, calls)
+    assert (note is not None) == noted
+    section = "\n".join(suite.lone_section(calls, note))
+    assert ("machine's speed moved" in section) == noted
+    if note is not None:
+        assert f"{during} ms there against {before} ms" in note
 
 
 # --- the summary of a run ---------------------------------------------------------------------------------

@@ -88,6 +88,10 @@ RAW = "raw"
 BARE = "bare gRPC"
 # Lone calls left out of the figures while connections and caches settle.
 LONE_WARMUP_CALLS = 20
+# The raw model's one-text p50 in the lone calls against the raw pass's own one-at-a-time p50 (minutes
+# before, nothing else running): further apart than this factor, the machine's speed moved while the lone
+# calls ran (a shared VM's neighbours), and their differences of a millisecond measure the machine.
+LONE_DRIFT = 1.5
 # The paired rounds' second server: the default one with --max-concurrent-batches 1.
 ONE_AT_A_TIME = "one batch at a time"
 # The paired rounds' other loads on the default server: the same callers asking for repeated floats (what
@@ -155,7 +159,20 @@ async def lone_calls(
     )
 
 
-def lone_section(lone: LoneCalls) -> list[str]:
+def lone_drift_note(raw: RawLimit, lone: LoneCalls) -> str | None:
+    """A warning when the lone calls ran on a machine of another speed than the raw pass did."""
+    before, during = raw.single.latency_ms.p50, lone.latency_ms[RAW].p50
+    if not before or not during or max(before, during) / min(before, during) <= LONE_DRIFT:
+        return None
+    return (
+        f"the machine's speed moved during the lone calls: the raw model's one-text p50 was {during} ms "
+        f"there against {before} ms in the raw pass before them, so their overheads (and the open-loop "
+        "bound drawn from the lone-call p50) reflect the machine more than the servers; run the suite "
+        "again on a quiet machine"
+    )
+
+
+def lone_section(lone: LoneCalls, drift: str | None = None) -> list[str]:
     peers = [f"`{name}`" for name in lone.latency_ms if name not in PARTIES]
     rows = []
     for name, lat in lone.latency_ms.items():
@@ -169,6 +186,7 @@ def lone_section(lone: LoneCalls) -> list[str]:
         + ", in an order that rotates per text. Overhead is p50 minus the raw p50.",
         "",
         *report.md_table(["", "p50 ms", "p90 ms", "p99 ms", "overhead ms"], rows),
+        *(["", f"**Note**: {drift}."] if drift else []),
     ]
 
 
@@ -873,8 +891,10 @@ async def _measure(
         if cpu_split.targets
         else {}
     )
+    drift = lone_drift_note(raw, lone)
     done = replace(
         doc,
+        notes=(*doc.notes, drift) if drift else doc.notes,
         raw=raw,
         lone=lone,
         paired=paired,
@@ -889,7 +909,7 @@ async def _measure(
         | (overload_summary(overload) if overload else {}),
         sections={
             **compared,
-            "Lone calls, interleaved": lone_section(lone),
+            "Lone calls, interleaved": lone_section(lone, drift),
             f"Efficiency at {paired.callers} callers, paired rounds": paired_section(paired),
             **cpu_sections,
             "Batching on against off": comparison_section(cfg, on, off),
