@@ -257,10 +257,11 @@ def test_lone_call_overhead_over_the_bare_baseline() -> None:
     ("before", "during", "noted"), [(6.0, 6.5, False), (6.0, 8.9, False), (5.7, 15.5, True)]
 )
 def test_lone_calls_on_a_machine_of_another_speed_than_the_raw_pass_carry_a_note(
-    before: float, during: float, noted: bool
+    before: float, during: float, noted: bool, tmp_path: Path
 ) -> None:
     """The raw model's one-text p50 in the raw pass against the same in the lone calls: 1.5x apart or
-    more, the machine changed speed in between, and the section and the run's notes say so."""
+    more, the machine changed speed in between: the section and the run's notes say so, and the summary
+    rows drawn from the lone calls are judged against no target."""
     summary = LatencySummary(p50=before, p90=before, p99=before, p99_9=before, max=before, mean=before)
     raw = replace(raw_figure(200.0), single=SingleLatency(calls=100, latency_ms=summary))
     calls = lone(raw=during, bare=during + 1.5, default=during + 1.6)
@@ -270,6 +271,12 @@ def test_lone_calls_on_a_machine_of_another_speed_than_the_raw_pass_carry_a_note
     assert ("machine's speed moved" in section) == noted
     if note is not None:
         assert f"{during} ms there against {before} ms" in note
+    cfg = suite_config(tmp_path)
+    paired = paired_of({name: (186.0, 93.0) for name in LOADS})
+    rows = suite.unjudged(suite.summarise(cfg, OPEN_STEPS, [], paired, calls), note)
+    for key in suite.LONE_ROWS:
+        assert (rows[key].met is None) == noted and ("not judged" in rows[key].how) == noted
+    assert rows["efficiency"].met is True  # the paired rounds cancel the drift out: judged as ever
 
 
 # --- the summary of a run ---------------------------------------------------------------------------------
