@@ -92,6 +92,20 @@ def lower_priority(name: str, nice: int) -> None:
                 )
 
 
+def restore_priority(name: str) -> None:
+    """Gives every thread of this process named `name` the calling thread's nice value again; best effort:
+    lowering a nice value needs CAP_SYS_NICE (or RLIMIT_NICE), so without it nothing changes."""
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            if _comm(int(tid)).read_text().strip() == name[:_MAX_NAME]:
+                os.setpriority(os.PRIO_PROCESS, int(tid), base)
+
+
 def name_grpc_poller() -> None:
     """Names gRPC's poller thread, which exists once a grpc.aio server or channel has started."""
     for thread in threading.enumerate():

@@ -127,3 +127,30 @@ def test_a_served_models_threads_run_at_the_nice_value_it_is_given(nice: int) ->
         assert {os.getpriority(os.PRIO_PROCESS, tid) for tid in model_threads} == {max(nice, base)}
         # The loop (this test's server thread) and gRPC keep the process's priority.
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="lowering a nice value back needs CAP_SYS_NICE")
+def test_restore_priority_gives_a_lowered_thread_the_callers_nice_again() -> None:
+    """What the server does before it ends the model's threads: at their low priority, ending them beside
+    busy threads took a noticeable part of a second."""
+    ready, done = threading.Event(), threading.Event()
+    tid: list[int] = []
+
+    def worker() -> None:
+        threads.name_thread("rs-prio-test")
+        tid.append(threading.get_native_id())
+        ready.set()
+        done.wait(10)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        assert ready.wait(10)
+        base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        threads.lower_priority("rs-prio-test", base + 7)
+        assert os.getpriority(os.PRIO_PROCESS, tid[0]) == base + 7
+        threads.restore_priority("rs-prio-test")
+        assert os.getpriority(os.PRIO_PROCESS, tid[0]) == base
+    finally:
+        done.set()
+        t.join()

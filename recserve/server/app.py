@@ -312,6 +312,10 @@ async def running_server(
                 served.model.backend.stop_running()
             await _wait_idle(engines, 1.0)
         await grpc_server.stop(0 if not drained else 1.0)
+        # NOTE: the model's threads run below the loop's priority (model_threads_nice); ending them at that
+        # priority beside busy threads took 0.4 s more (1.43 against 1.13 s from SIGTERM with a 1 s grace,
+        # beside two busy loops), past a grace period that an orchestrator enforces.
+        threads.restore_priority(threads.MODEL)
         for served in served_models:
             served.shutdown()
         for searcher in searchers:
