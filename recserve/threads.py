@@ -74,36 +74,38 @@ def start_as(name: str, nice: int = 0) -> None:
         lower_priority(name, nice)
 
 
+def _threads_named(name: str) -> list[int]:
+    """The ids of this process's threads whose native name is `name` (as Linux keeps it); [] off Linux."""
+    try:
+        tids = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        return []
+    named = []
+    for tid in tids:
+        with contextlib.suppress(OSError):  # the thread has gone
+            if _comm(tid).read_text().strip() == name[:_MAX_NAME]:
+                named.append(tid)
+    return named
+
+
 def lower_priority(name: str, nice: int) -> None:
     """Sets `nice` on every thread of this process named `name`, unless it runs lower already; best effort.
 
     Linux keeps a nice value per thread, and raising one's own needs no privilege (lowering it back does).
     """
-    try:
-        tids = os.listdir("/proc/self/task")
-    except OSError:
-        return
-    for tid in tids:
+    for tid in _threads_named(name):
         with contextlib.suppress(OSError):
-            if _comm(int(tid)).read_text().strip() == name[:_MAX_NAME]:
-                # Never above the process's own priority (a server started under `nice` stays below it).
-                os.setpriority(
-                    os.PRIO_PROCESS, int(tid), max(nice, os.getpriority(os.PRIO_PROCESS, int(tid)))
-                )
+            # Never above the process's own priority (a server started under `nice` stays below it).
+            os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
 
 
 def restore_priority(name: str) -> None:
     """Gives every thread of this process named `name` the calling thread's nice value again; best effort:
     lowering a nice value needs CAP_SYS_NICE (or RLIMIT_NICE), so without it nothing changes."""
     base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    try:
-        tids = os.listdir("/proc/self/task")
-    except OSError:
-        return
-    for tid in tids:
+    for tid in _threads_named(name):
         with contextlib.suppress(OSError):
-            if _comm(int(tid)).read_text().strip() == name[:_MAX_NAME]:
-                os.setpriority(os.PRIO_PROCESS, int(tid), base)
+            os.setpriority(os.PRIO_PROCESS, tid, base)
 
 
 def name_grpc_poller() -> None:
