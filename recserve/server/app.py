@@ -312,12 +312,14 @@ async def running_server(
                 served.model.backend.stop_running()
             await _wait_idle(engines, 1.0)
         await grpc_server.stop(0 if not drained else 1.0)
-        # NOTE: the model's threads run below the loop's priority (model_threads_nice); ending them at that
-        # priority beside busy threads took 0.4 s more (1.43 against 1.13 s from SIGTERM with a 1 s grace,
-        # beside two busy loops), past a grace period that an orchestrator enforces.
+        # NOTE: the model's threads run below the loop's priority (model_threads_nice), and the process's
+        # exit waits for each of them to run once more: beside two busy loops that took 0.25 s more (1.07-1.12
+        # against 1.27-1.33 s from SIGTERM with a 1 s grace). Raising it back needs CAP_SYS_NICE.
         threads.restore_priority(threads.MODEL)
         for served in served_models:
-            served.shutdown()
+            # NOTE: a stopped batch ends at its next operator, which on a slow or busy CPU (and at the
+            # model threads' lower priority) took up to 0.5 s after the grace: nobody waits for it.
+            served.shutdown(wait_for_model=drained)
         for searcher in searchers:
             searcher.close()
         if metrics_server is not None:

@@ -47,10 +47,11 @@ class ServedModel:
     def health_name(self) -> str:
         return health_name(self.name)
 
-    def shutdown(self) -> None:
-        """Ends its threads (after the batcher has stopped)."""
+    def shutdown(self, wait_for_model: bool = True) -> None:
+        """Ends its threads (after the batcher has stopped). Without `wait_for_model`, a batch still
+        running (told to stop by Backend.stop_running) ends at its next operator on its own."""
         self.tokenize_executor.shutdown(wait=True, cancel_futures=True)
-        self.model_executor.shutdown(wait=True, cancel_futures=True)
+        self.model_executor.shutdown(wait=wait_for_model, cancel_futures=True)
 
 
 def compose(
