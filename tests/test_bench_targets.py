@@ -140,6 +140,9 @@ def test_each_protocol_takes_the_same_closed_and_open_loops(
         info["model_name"]
         == {"openai": "stub-model", "tei": "stub/tei-model", "kserve": "stub-encoder"}[kind]
     )
+    assert info["server"] == {"openai": "stub-openai 9.9", "tei": "text-embeddings-inference 1.5.0"}.get(
+        kind, "kserve-stub 0.1"
+    )
     for step in series["steps"]:
         check_step(step)
         assert step["failed"] == 0 and step["texts_per_s"] > 0
@@ -170,6 +173,21 @@ def test_the_peers_get_the_workloads_texts(openai: OpenAIStub, tei: TeiStub, kse
     assert tei.bodies[-1] == {"inputs": list(first), "truncate": True}
     assert asyncio.run(first_call(f"kserve-v2://{kserve.address}")) == (OK, None)
     assert kserve.bodies[-1] == list(first)
+
+
+def test_an_openai_peer_is_named_by_its_openapi_title_unless_it_is_fastapis_placeholder() -> None:
+    workload = build_workload(WorkloadSpec())
+
+    async def named(url: str) -> str:
+        async with open_target(parse_endpoint(url)) as target:
+            return (await target.check(workload.spec, [])).server
+
+    for title, expected in (
+        ("Infinity - Embedding Inference Server", "Infinity - Embedding Inference Server 9.9"),
+        ("FastAPI", ""),
+    ):
+        with OpenAIStub(title=title) as stub:
+            assert asyncio.run(named(f"openai+http://{stub.address}")) == expected
 
 
 @dataclass

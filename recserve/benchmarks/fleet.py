@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import re
 import statistics
 import sys
@@ -513,7 +512,7 @@ async def measure_fleet(
     return FleetResult(
         callers=cfg.callers,
         threads=cfg.threads,
-        usable_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        usable_cores=report.usable_cores(),
         steps=tuple(steps),
         per_core_texts_per_s=per_core,
         model=model,

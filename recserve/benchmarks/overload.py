@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -582,8 +581,9 @@ def level_lines(result: OverloadResult) -> list[str]:
         + (
             " Cores, over the window, from /proc: the server's model threads (ONNX Runtime's pool "
             "included), its other threads (the event loop, gRPC, tokenising: where each refusal is "
-            "answered), and the load generator (this process), which shares the machine's "
-            f"{os.cpu_count()} cores with the server here: what they take, the model cannot have."
+            "answered), and the load generator (this process), which shares its "
+            f"{report.usable_cores()} usable cores with the server here: what they take, the model cannot "
+            "have."
             if with_cpu
             else ""
         ),

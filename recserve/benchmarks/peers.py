@@ -228,10 +228,22 @@ class OpenAITarget(HttpTarget):
             protocol=self.endpoint.protocol,
             model_name=self.model or "",
             dimension=self.dimension,
-            server="",
+            server=await self.openapi_name(),
             max_texts_per_call=None,
             details={"route": f"POST {self.endpoint.path}"},
         )
+
+    async def openapi_name(self) -> str:
+        """The server's name and version from its OpenAPI document (infinity: "Infinity ... 0.0.78"), or ""
+        where it has none or only FastAPI's placeholder title: the protocol itself does not say."""
+        doc = await self.get_json("/openapi.json")
+        info = doc.get("info") if isinstance(doc, dict) else None
+        if not isinstance(info, dict):
+            return ""
+        title, version = str(info.get("title") or "").strip(), str(info.get("version") or "").strip()
+        if not title or title == "FastAPI":
+            return ""
+        return f"{title} {version}".strip()
 
 
 class TeiTarget(HttpTarget):

@@ -67,12 +67,16 @@ def _memory_gib() -> float | None:
     return None
 
 
+def usable_cores() -> int | None:
+    """The cores this process may run on (its affinity: a container's cpuset), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def machine_info() -> Machine:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return Machine(
         cpu_model=_cpu_model(),
         cores=os.cpu_count(),
-        usable_cores=usable,
+        usable_cores=usable_cores(),
         memory_gib=_memory_gib(),
         platform=platform.platform(),
         python=platform.python_version(),

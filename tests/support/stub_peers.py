@@ -1,7 +1,8 @@
 """Small servers of the other protocols the harness loads (recserve/benchmarks/protocols.py), each on a
 loopback port in a background thread with its own event loop, like a remote deployment:
 
-- `OpenAIStub`: `POST /v1/embeddings` and `GET /v1/models` (aiohttp), as TEI, infinity and vLLM serve them;
+- `OpenAIStub`: `POST /v1/embeddings`, `GET /v1/models` and `GET /openapi.json` (aiohttp), as TEI, infinity
+  and vLLM serve them;
 - `TeiStub`: TEI's `POST /embed` and `GET /info`;
 - `KServeStub`: the KServe v2 / Open Inference Protocol over gRPC (tritonclient's generated servicer), one
   or more models with a BYTES input TEXT and an FP32 output EMBEDDING.
@@ -120,12 +121,23 @@ class _HttpStub(_Background):
 class OpenAIStub(_HttpStub):
     """An OpenAI-compatible embeddings server; a call naming a model it does not serve gets a 404."""
 
-    def __init__(self, *, models: tuple[str, ...] = ("stub-model",), **kwargs: Any) -> None:
+    def __init__(
+        self, *, models: tuple[str, ...] = ("stub-model",), title: str = "stub-openai", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.models = models
+        self.title = title
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/v1/embeddings", self.embeddings), web.get("/v1/models", self.list_models)]
+        return [
+            web.post("/v1/embeddings", self.embeddings),
+            web.get("/v1/models", self.list_models),
+            web.get("/openapi.json", self.openapi),
+        ]
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """What FastAPI serves (infinity, vLLM): its `info` names the server, or is FastAPI's default."""
+        return web.json_response({"openapi": "3.1.0", "info": {"title": self.title, "version": "9.9"}})
 
     async def list_models(self, request: web.Request) -> web.Response:
         return web.json_response(
