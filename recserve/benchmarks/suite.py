@@ -89,8 +89,10 @@ BARE = "bare gRPC"
 # Lone calls left out of the figures while connections and caches settle.
 LONE_WARMUP_CALLS = 20
 # The raw model's one-text p50 in the lone calls against the raw pass's own one-at-a-time p50 (minutes
-# before, nothing else running): further apart than this factor, the machine's speed moved while the lone
-# calls ran (a shared VM's neighbours), and their differences of a millisecond measure the machine.
+# before, back to back): further apart than this factor, the lone calls' differences of a millisecond
+# measure the machine. Either its speed moved (a shared VM's neighbours) or the pauses between the raw
+# model's turns cost it: on a 2-core VM a one-text run after 20 ms asleep took 9.9-10.3 ms against 3.7-3.9 ms
+# back to back (2 threads; 4.2-5.0 ms when the other core spun meanwhile), so idle cores wake slowly.
 LONE_DRIFT = 1.5
 # ...and at least this far apart: a tiny model's sub-millisecond runs differ by 1.5x on noise alone, far
 # below what the lone-call targets (0.5 and 2 ms) can tell apart.
@@ -170,10 +172,11 @@ def lone_drift_note(raw: RawLimit, lone: LoneCalls) -> str | None:
     if abs(during - before) < LONE_DRIFT_MIN_MS:
         return None
     return (
-        f"the machine's speed moved during the lone calls: the raw model's one-text p50 was {during} ms "
-        f"there against {before} ms in the raw pass before them, so their overheads (and the open-loop "
-        "bound drawn from the lone-call p50) reflect the machine more than the servers; run the suite "
-        "again on a quiet machine"
+        f"the machine ran the lone calls at another speed: the raw model's one-text p50 was {during} ms "
+        f"there against {before} ms back to back in the raw pass before them (its speed moved, or the other "
+        "parties' turns let its cores go idle, and idle cores wake slowly), so their overheads (and the "
+        "open-loop bound drawn from the lone-call p50) reflect the machine more than the servers; run the "
+        "suite again on a quiet machine"
     )
 
 
@@ -186,7 +189,7 @@ def unjudged(summary: dict[str, SummaryItem], drift: str | None) -> dict[str, Su
     their figure is kept, but a miss (or a pass) there says more about the VM than about the server."""
     if drift is None:
         return summary
-    why = "; not judged: the machine's speed moved during the lone calls (the note below)"
+    why = "; not judged: the machine ran the lone calls at another speed (the note below)"
     return {
         key: replace(item, met=None, how=item.how + why) if key in LONE_ROWS else item
         for key, item in summary.items()
