@@ -290,8 +290,10 @@ def test_three_replicas_share_the_calls_and_one_drains_without_a_failed_call(
             load.wait_ok(60)
             caller = threading.Thread(target=big_call)
             caller.start()
-            while caller.is_alive() and not scrape(stopped).total(Name.IN_FLIGHT):
-                time.sleep(0.005)  # until the server handles a call (the big one, or the load's)
+            # Until the big call's texts wait in the stopped replica's queue: the load's four callers queue
+            # four texts at most, so any call in flight could be theirs, and SIGTERM would beat the big call.
+            while caller.is_alive() and scrape(stopped).total(Name.QUEUE_TEXTS) <= 4:
+                time.sleep(0.005)
             before = [r.ok_calls() for r in others]
             stopped_before = stopped.ok_calls()
             signalled = time.monotonic()
