@@ -338,7 +338,9 @@ class LoneCalls:
     calls: int
     latency_ms: dict[str, LatencySummary]
     overhead_ms: dict[str, float]
-    """p50 minus the raw p50, per target."""
+    """Per target: the p50 of its time minus the raw model's for the same text in the same turn."""
+    over_bare_ms: dict[str, float] = field(default_factory=dict)
+    """Per server but the bare baseline: the same against the bare gRPC server's time."""
 
 
 @dataclass(frozen=True, kw_only=True)

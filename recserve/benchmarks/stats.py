@@ -37,6 +37,16 @@ def latency_summary(latencies_s: np.ndarray) -> LatencySummary:
     )
 
 
+def paired_p50_ms(seconds: np.ndarray, reference_s: np.ndarray) -> float | None:
+    """The p50 (nearest rank) of the differences of two equally long series of timings, call by call, in
+    ms; None when empty. Each pair was timed within milliseconds of the other, so a drift of the machine
+    over the series moves both of them, and cancels out of each difference as it does not out of the
+    difference of the two p50s."""
+    if seconds.size == 0:
+        return None
+    return round(nearest_rank(np.sort((seconds - reference_s) * 1000.0), 50.0), 3)
+
+
 def latency_distribution(latencies_s: np.ndarray) -> LatencyDistribution | None:
     """Milliseconds at DISTRIBUTION_PERCENTILES, by nearest rank; None when there are no samples."""
     if latencies_s.size == 0:
