@@ -242,6 +242,45 @@ def test_no_open_loop_step_within_the_bound() -> None:
     assert plain.target is None and plain.met is None  # no target: a fact, as the 100 ms row
 
 
+# --- lone calls ---------------------------------------------------------------------------------------------
+
+
+class Turns:
+    """A party of the lone calls that only notes when its turn came (and the raw model, through `run`)."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def calls(self, workload: object) -> Turns:
+        return self
+
+    async def send(self, ring: int, deadline_s: float) -> tuple[int, None]:
+        self.log.append(self.name)
+        return 0, None
+
+    def run(self, texts: list[str]) -> None:
+        self.log.append(self.name)
+
+
+async def test_a_peer_takes_its_lone_calls_after_the_suites_parties_beside_the_raw_model_only(
+    tmp_path: Path,
+) -> None:
+    """A peer's threads may spin on after its call (infinity's did) and slow whichever party came next, so
+    no party of the suite's own rotation ever follows one of its calls."""
+    cfg = suite_config(tmp_path, singles=4)
+    workload = build_workload(cfg.workload)
+    log: list[str] = []
+    own = [(suite.BARE, Turns("bare", log)), (suite.DEFAULT, Turns("default", log))]
+    lone = await suite.lone_calls(cfg, workload, Turns("raw", log), own, [("peer", Turns("peer", log))])
+    texts = suite.LONE_WARMUP_CALLS + 4
+    assert len(log) == 3 * texts + 2 * texts
+    assert set(log[: 3 * texts]) == {"raw", "bare", "default"}
+    assert set(log[3 * texts :]) == {"raw", "peer"} and log[3 * texts :].count("peer") == texts
+    assert set(lone.overhead_ms) == {suite.BARE, suite.DEFAULT, "peer"}
+    assert set(lone.over_bare_ms) == {suite.DEFAULT}  # the peer never shared a turn with the bare server
+    assert lone.calls == 4 and all(lat.p50 is not None for lat in lone.latency_ms.values())
+
+
 # --- lone-call overhead over the bare baseline ------------------------------------------------------------
 
 

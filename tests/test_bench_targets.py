@@ -449,7 +449,7 @@ async def test_suite_peers_join_the_lone_calls_the_paired_rounds_and_the_sweeps(
             assert p.name == "peer" and isinstance(p.info, PeerInfo) and p.info.dimension == 8
             ours = as_target(client)
             lone = await suite.lone_calls(
-                cfg, workload, FakeRaw(), [(suite.DEFAULT, ours), ("peer", p.target)]
+                cfg, workload, FakeRaw(), [(suite.DEFAULT, ours)], [("peer", p.target)]
             )
 
             async def raw_pass() -> RawLimit:
@@ -472,6 +472,8 @@ async def test_suite_peers_join_the_lone_calls_the_paired_rounds_and_the_sweeps(
                 progress=None,
             )
     assert lone.calls == 5 and list(lone.latency_ms) == [suite.RAW, suite.DEFAULT, "peer"]
+    # The peer took its turns in a rotation of its own with the raw model: an overhead, none over bare.
+    assert set(lone.overhead_ms) == {suite.DEFAULT, "peer"} and lone.over_bare_ms == {}
     assert set(paired.efficiency) == {suite.DEFAULT, "peer"} and all(paired.efficiency.values())
     assert [s.label.split()[0] for s in steps] == ["closed", "closed", "open"]
     peak = max(s.measured.calls_per_s for s in steps[:2])

@@ -39,9 +39,9 @@ def latency_summary(latencies_s: np.ndarray) -> LatencySummary:
 
 def paired_p50_ms(seconds: np.ndarray, reference_s: np.ndarray) -> float | None:
     """The p50 (nearest rank) of the differences of two equally long series of timings, call by call, in
-    ms; None when empty. Each pair was timed within milliseconds of the other, so a drift of the machine
-    over the series moves both of them, and cancels out of each difference as it does not out of the
-    difference of the two p50s."""
+    ms; None when empty. What the two calls of a pair shared (the same text, the machine's speed at that
+    moment) drops out of their difference, where a difference of two p50s compares the two distributions
+    whole, each a mix of every text and every moment."""
     if seconds.size == 0:
         return None
     return round(nearest_rank(np.sort((seconds - reference_s) * 1000.0), 50.0), 3)

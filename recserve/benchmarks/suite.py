@@ -123,17 +123,47 @@ PARTIES = (RAW, BARE, DEFAULT, FLOATS, BIG_CALLS, KSERVE, ONE_AT_A_TIME, BATCHIN
 
 
 async def lone_calls(
-    cfg: SuiteConfig, workload: Workload, model: RawModel, targets: Sequence[tuple[str, Target]]
+    cfg: SuiteConfig,
+    workload: Workload,
+    model: RawModel,
+    targets: Sequence[tuple[str, Target]],
+    peers: Sequence[tuple[str, Target]] = (),
 ) -> LoneCalls:
     """The lone-call overhead with the machine's drift taken out: each text goes, one call at a time, to the
     raw model in this process and to every target, in an order that rotates per text. A VM that drifts by
-    +-15% from minute to minute moves a 10 ms figure by more than the 2 ms this measures; here all three see
-    the same minutes. Every party stops its ORT threads spinning after a run (runtime.py), so none of them
-    slows the next.
+    +-15% from minute to minute moves a 10 ms figure by more than the 2 ms this measures; here all of them
+    see the same minutes. The suite's own parties stop their ORT threads spinning after a run (runtime.py),
+    so none of them slows the next; a peer's threads may not (infinity's burned some 50 ms of CPU per
+    one-text call on a 2-core VM, and the party after it ran slower), so each peer takes its turns after
+    the others, in a rotation of its own with the raw model.
     """
     # (index in the ring, texts): each target sends its own prebuilt form of the same call.
     rows = [(i, list(m.texts)) for i, m in enumerate(workload.messages) if isinstance(m, pb.EmbedRequest)]
     rows = rows[: LONE_WARMUP_CALLS + cfg.singles]
+    timings = await _rotation(cfg, workload, model, targets, rows)
+    names = [name for name, _ in targets]
+    overhead = _paired(timings, RAW, names)
+    over_bare = _paired(timings, BARE, [name for name in names if name != BARE]) if BARE in timings else {}
+    for name, target in peers:
+        alone = await _rotation(cfg, workload, model, [(name, target)], rows)
+        timings[name] = alone[name]
+        overhead |= _paired(alone, RAW, [name])
+    return LoneCalls(
+        calls=len(timings[RAW]),
+        latency_ms={name: stats.latency_summary(t) for name, t in timings.items()},
+        overhead_ms=overhead,
+        over_bare_ms=over_bare,
+    )
+
+
+async def _rotation(
+    cfg: SuiteConfig,
+    workload: Workload,
+    model: RawModel,
+    targets: Sequence[tuple[str, Target]],
+    rows: Sequence[tuple[int, list[str]]],
+) -> dict[str, np.ndarray]:
+    """Seconds of each lone call past the warm-up, per party (the raw model first), text by text."""
     names = [RAW, *(name for name, _ in targets)]
     calls = {name: target.calls(workload) for name, target in targets}
     seconds: dict[str, list[float]] = {name: [] for name in names}
@@ -151,13 +181,7 @@ async def lone_calls(
                     raise TargetError(f"{name}: a lone call failed: {CODE_NAMES.get(code, code)}")
             if index >= LONE_WARMUP_CALLS:
                 seconds[name].append(time.perf_counter() - started)
-    timings = {name: np.array(seconds[name]) for name in names}
-    return LoneCalls(
-        calls=len(seconds[RAW]),
-        latency_ms={name: stats.latency_summary(timings[name]) for name in names},
-        overhead_ms=_paired(timings, RAW, names[1:]),
-        over_bare_ms=_paired(timings, BARE, [n for n in names[1:] if n != BARE]) if BARE in timings else {},
-    )
+    return {name: np.array(values) for name, values in seconds.items()}
 
 
 def _paired(timings: dict[str, np.ndarray], reference: str, names: Sequence[str]) -> dict[str, float]:
@@ -222,10 +246,16 @@ def lone_section(lone: LoneCalls, drift: str | None = None) -> list[str]:
     return [
         f"{lone.calls} texts of the workload, one call at a time, each to the raw model in the "
         f"benchmark's process, to `{BARE}` (a grpc.aio server that only runs the raw model in one executor "
-        "hop: no validation, batcher, metrics or logs) and to the default server"
-        + (f" and to each peer ({', '.join(peers)})" if peers else "")
-        + ", in an order that rotates per text. *Overhead*: the p50 of a party's time minus the raw model's "
-        f"for the same text in the same turn; *over bare*: the same against `{BARE}`'s time.",
+        "hop: no validation, batcher, metrics or logs) and to the default server, in an order that rotates "
+        "per text"
+        + (
+            f"; then to each peer ({', '.join(peers)}) in a rotation of its own with the raw model, since a "
+            "peer's threads may spin on after its calls and slow whichever party comes next"
+            if peers
+            else ""
+        )
+        + ". *Overhead*: the p50 of a party's time minus the raw model's for the same text in the same turn; "
+        f"*over bare*: the same against `{BARE}`'s time.",
         "",
         *report.md_table(["", "p50 ms", "p90 ms", "p99 ms", "overhead ms", "over bare ms"], rows),
         *(["", f"**Note**: {drift}."] if drift else []),
@@ -855,7 +885,8 @@ async def _measure(
                 cfg,
                 workload,
                 model,
-                [(BARE, bare_target), (DEFAULT, target), (KSERVE, kserve_target), *peer_targets],
+                [(BARE, bare_target), (DEFAULT, target), (KSERVE, kserve_target)],
+                peer_targets,
             )
             # The transport's floor of CPU per call: one window of the paired rounds' load on the bare server.
             bare_cpu = None
