@@ -209,6 +209,35 @@ def test_p99_over_mean_of_the_closed_loop_step(
     assert f"mean {mean} ms" in item.how and "`closed c=64`" in item.how
 
 
+def test_p99_over_mean_is_the_p50_of_the_paired_rounds_windows() -> None:
+    """Each window's own p99 over mean, their p50: the round whose window took a stall of the machine (all
+    64 calls in flight wait it out) moves one value, not the figure; the sweep's step is shown beside."""
+
+    def served(p99: float, mean: float) -> dict[str, Served]:
+        latency = LatencySummary(p50=mean, p90=p99, p99=p99, p99_9=p99, max=p99, mean=mean)
+        return {suite.DEFAULT: Served(texts_per_s=150.0, latency_ms=latency, failed=0, server=None)}
+
+    windows = [(570.0, 400.0), (580.0, 400.0), (800.0, 400.0)]  # 1.425, 1.45, then a stalled window's 2.0
+    paired = PairedRounds(
+        callers=64,
+        rounds=tuple(Round(raw_texts_per_s=160.0, served=served(*w)) for w in windows),
+        efficiency={suite.DEFAULT: 0.94},
+        loads={suite.DEFAULT: LOADS[suite.DEFAULT]},
+    )
+    stalled = step("closed", 64, p99=760.0, mean=400.0)  # the sweep's step took the stall: 1.9
+    item = suite.tail_ratio(stalled, paired)
+    assert (item.value, item.met, item.target) == (1.45, True, "<= 1.5")
+    assert item.title == "p99 over mean latency at 64 callers"
+    assert "(1.425, 1.45, 2)" in item.how and item.how.endswith(
+        "`closed c=64` step (closed loop, below): 1.9"
+    )
+    # Most windows slow in their tail: missed, whatever one window did.
+    slow = replace(
+        paired, rounds=tuple(Round(raw_texts_per_s=160.0, served=served(640.0, 400.0)) for _ in "ab")
+    )
+    assert suite.tail_ratio(step("closed", 64, p99=560.0, mean=400.0), slow).met is False
+
+
 # --- open-loop rate within a bound ------------------------------------------------------------------------
 
 
