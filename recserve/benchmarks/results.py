@@ -340,7 +340,8 @@ class LoneCalls:
     overhead_ms: dict[str, float]
     """Per target: the p50 of its time minus the raw model's for the same text in the same turn."""
     over_bare_ms: dict[str, float] = field(default_factory=dict)
-    """Per server but the bare baseline: the same against the bare gRPC server's time."""
+    """Per server of the suite's own rotation but the bare baseline (a peer rotates apart): the same
+    against the bare gRPC server's time."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -134,9 +134,9 @@ async def lone_calls(
     raw model in this process and to every target, in an order that rotates per text. A VM that drifts by
     +-15% from minute to minute moves a 10 ms figure by more than the 2 ms this measures; here all of them
     see the same minutes. The suite's own parties stop their ORT threads spinning after a run (runtime.py),
-    so none of them slows the next; a peer's threads may not (infinity's burned some 50 ms of CPU per
-    one-text call on a 2-core VM, and the party after it ran slower), so each peer takes its turns after
-    the others, in a rotation of its own with the raw model.
+    so none of them slows the next; a peer's threads may not (infinity's keep spinning, and the party
+    after it ran slower), so each peer takes its turns after the others, in a rotation of its own with the
+    raw model.
     """
     # (index in the ring, texts): each target sends its own prebuilt form of the same call.
     rows = [(i, list(m.texts)) for i, m in enumerate(workload.messages) if isinstance(m, pb.EmbedRequest)]
@@ -534,7 +534,7 @@ def tail_ratio(step: StepResult, paired: PairedRounds | None = None) -> SummaryI
     """p99 over mean latency at the load point: how far the slowest calls trail the rest.
 
     Judged on the paired rounds' windows of the default server: each window's p99 over its own mean, and
-    the p50 of those. Every call in flight waits out a stall of the VM, so one stalled stretch can double
+    the p50 of those. Every call in flight waits out a stall of the VM, so one stalled stretch inflates
     the ratio of the window it falls in, and the sweep's step is one stretch of the load. Without rounds,
     the step's.
     """
