@@ -833,7 +833,7 @@ def check_suite(tiny_repo: Path, tmp_path: Path, peer: str) -> None:
     rc = bench(["suite", "--model-repo", str(tiny_repo), *out, *flags, "--peer", peer])
     assert rc == 0
     doc = json.loads((tmp_path / "results" / "results.json").read_text())
-    assert [s["name"] for s in doc["series"]] == ["batching on", "batching off", "tei"]
+    assert [s["name"] for s in doc["series"]] == ["batching on", "batching off", "tei", "in process"]
     tei = doc["series"][2]
     assert tei["protocol"] == "tei+http" and tei["server"]["model_name"] == "stub/tei-model"
     assert [s["label"].split()[0] for s in tei["steps"]] == ["closed", "closed", "open"]
@@ -842,6 +842,13 @@ def check_suite(tiny_repo: Path, tmp_path: Path, peer: str) -> None:
     summary = {"efficiency", "padding", "lone_overhead", "lone_floor", "open_rate_fraction", "batching_gain"}
     summary |= {"efficiency_floats", "efficiency_big_calls", "tail_ratio", "lone_over_bare"}
     assert summary | {"open_rate_fraction_lone"} <= set(doc["summary"])
+    # The open loop again into the engine in this process: the default server's rates, the same bound.
+    in_process = doc["series"][3]
+    assert in_process["protocol"] == "in-process" and in_process["server"]["model_name"] == tiny_repo.name
+    rates = [s["rate"] for s in doc["series"][0]["steps"] if s["mode"] == "open"]
+    assert [s["rate"] for s in in_process["steps"]] == rates
+    assert all(s["failed"] == 0 and s["completed"] > 0 for s in in_process["steps"])
+    assert doc["summary"]["open_rate_fraction_in_process"].get("target") is None
     # Issue 15's rows, each with its target.
     targets = {
         "efficiency": ">= 0.92",

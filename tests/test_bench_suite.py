@@ -18,9 +18,11 @@ from recserve.benchmarks.results import (
     LatencySummary,
     LoneCalls,
     PairedRounds,
+    PeerInfo,
     RawLimit,
     Round,
     RoundLoad,
+    Series,
     Served,
     SingleLatency,
     StepResult,
@@ -375,6 +377,24 @@ def test_the_summary_has_every_row_of_issue_15_with_its_target(tmp_path: Path) -
     assert rows["open_rate_fraction"].value == 0.75
     # Each figure once: the old efficiency row is the packed-vectors one, under its new target.
     assert [item.title for item in rows.values()].count("Efficiency at 64 callers") == 0
+
+
+def test_the_engine_in_process_is_held_to_the_served_bound_and_peak_as_a_reference(tmp_path: Path) -> None:
+    cfg = suite_config(tmp_path)
+    paired = paired_of({name: (186.0, 93.0) for name in LOADS})
+    calls = lone(raw=6.0, bare=8.6, default=8.9)
+    info = PeerInfo(
+        protocol="in-process", model_name="m", dimension=4, server="", max_texts_per_call=None, details={}
+    )
+    steps = (step("open", 100.0, p99=30.0), step("open", 150.0, p99=80.0), step("open", 200.0, p99=300.0))
+    engine = Series(
+        name=suite.IN_PROCESS, target="in process", protocol="in-process", server=info, steps=steps
+    )
+    item = suite.summarise(cfg, OPEN_STEPS, [], paired, calls, engine)["open_rate_fraction_in_process"]
+    # Within the served figure's 89 ms bound up to 150/s, of the served peak (200 calls/s); no target.
+    assert item.value == 0.75 and item.target is None and item.met is None
+    assert item.how.startswith("bound 89 ms: the same bound, rates and peak as the served figure")
+    assert "open_rate_fraction_in_process" not in suite.summarise(cfg, OPEN_STEPS, [], paired, calls)
 
 
 # --- the rounds themselves --------------------------------------------------------------------------------

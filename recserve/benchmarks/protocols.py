@@ -42,7 +42,8 @@ from recserve.benchmarks.workloads import RPC_KINDS, RpcKind, Workload, Workload
 from recserve.client import AsyncClient, ServerInfo
 from recserve.v1 import inference_pb2 as pb
 
-ProtocolName = Literal["recserve", "openai+http", "tei+http", "kserve-v2"]
+# "in-process" is the suite's reference, the server's engine without gRPC (inprocess.py): no URL names it.
+ProtocolName = Literal["recserve", "openai+http", "tei+http", "kserve-v2", "in-process"]
 SCHEMES: dict[str, ProtocolName] = {
     "grpc": "recserve",
     "openai+http": "openai+http",
@@ -55,12 +56,14 @@ DESCRIPTIONS: dict[str, str] = {
     "openai+http": "OpenAI-compatible embeddings over HTTP",
     "tei+http": "text-embeddings-inference's /embed over HTTP",
     "kserve-v2": "KServe v2 / Open Inference Protocol gRPC",
+    "in-process": "the server's engine in the benchmark's process, no gRPC",
 }
 RPCS: dict[ProtocolName, frozenset[RpcKind]] = {
     "recserve": frozenset(RPC_KINDS),
     "openai+http": frozenset({"embed"}),
     "tei+http": frozenset({"embed"}),
     "kserve-v2": frozenset({"embed"}),
+    "in-process": frozenset({"embed"}),
 }
 DEFAULT_PATHS: dict[ProtocolName, str] = {"openai+http": "/v1/embeddings", "tei+http": "/embed"}
 # Where a gRPC target string already names a resolver (client.channel_target takes these as they are).

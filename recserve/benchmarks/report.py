@@ -17,6 +17,7 @@ from typing import Any, Literal, TextIO
 
 from recserve.benchmarks.protocols import DESCRIPTIONS
 from recserve.benchmarks.results import (
+    WEIGHTS_SHA256,
     Document,
     Json,
     LoadStep,
@@ -620,9 +621,15 @@ def markdown(doc: Document, plots: dict[str, str], plot_prefix: str) -> str:
     for series in doc.series:
         info = series.server
         if isinstance(info, PeerInfo):
+            sha256 = info.details.get(WEIGHTS_SHA256)
+            weights = (
+                f"weights sha256 `{sha256}`"
+                if sha256
+                else "(its weights cannot be checked over its protocol)"
+            )
             lines.append(
                 f"- {series.name}: {info.server or 'server not named'} at `{series.target}`, model "
-                f"{info.model_name or 'not named'} (its weights cannot be checked over its protocol)"
+                f"{info.model_name or 'not named'} {weights}"
             )
             continue
         lines.append(

@@ -253,6 +253,10 @@ class StepResult:
         return self.rate or 0.0
 
 
+# The detail by which a target that is not a server, but runs the suite's own model file, names its weights.
+WEIGHTS_SHA256 = "weights sha256"
+
+
 @dataclass(frozen=True, kw_only=True)
 class PeerInfo:
     """What a target of another protocol (protocols.py) says of itself; recserve targets give ServerInfo."""

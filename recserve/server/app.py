@@ -121,7 +121,9 @@ def _dummy(length: int, token_id: int) -> Encoded:
     return Encoded(ids=ids, type_ids=np.zeros(length, dtype=np.int64))
 
 
-async def _warm_up(served: ServedModel, settings: ServerSettings) -> None:
+async def warm_up(served: ServedModel, settings: ServerSettings) -> None:
+    """Runs a batch of each size and length class the batcher forms on the model threads (warmup_batches),
+    so that the first calls do not pay for ORT's first runs of each shape."""
     started = time.perf_counter()
     loop = asyncio.get_running_loop()
     manifest = served.model.manifest
@@ -268,7 +270,7 @@ async def running_server(
             await served.batcher.start()
         if settings.warmup:
             for served in served_models:
-                await _warm_up(served, settings)
+                await warm_up(served, settings)
         if before_ready is not None:
             await before_ready(running)
         for engine in engines:
