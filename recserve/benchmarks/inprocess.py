@@ -4,10 +4,9 @@ the benchmark's own process, loaded by the same loops as any target.
 What an open loop's tail would be if the transport cost nothing: the same Poisson schedule, texts, windows
 and latency from the scheduled send, into `Engine.embed` on the suite's event loop, with the server's own
 settings (`ServerSettings` defaults, the suite's thread count) composed as `recserve serve` composes them
-(registry.compose). Set beside the served open loop, it tells how much of a missed bound is gRPC and the
-client, and how much the model on this machine: a rate the engine cannot hold in process, no server on top
-of it can. The load generator shares this process's interpreter with it, where the served server has its
-own; on a machine this small that costs the engine a little, so the reference errs on the slow side.
+(registry.compose). Set beside the served open loop, it tells how much of a missed bound is gRPC, protobuf
+and the client, and how much the engine and the model on this machine. It is a reference, not a limit: the
+load generator shares this process's interpreter with the engine, where a served server has its own.
 """
 
 from __future__ import annotations

@@ -504,7 +504,7 @@ def summarise(
             on, peak, bound_ms, title=title, bound_how=bound_how, target=OPEN_RATE_FRACTION_TARGET
         )
         if in_series is not None:
-            # No target: the reference that says whether a miss above is the transport's or the machine's.
+            # No target: a reference that tells the transport's part of a miss above from the engine's.
             out["open_rate_fraction_in_process"] = open_rate_fraction(
                 in_series.steps,
                 peak,
