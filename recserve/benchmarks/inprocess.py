@@ -99,7 +99,7 @@ async def in_process(repo: Path, threads_: int) -> AsyncIterator[InProcessTarget
 
     from recserve.server.app import warm_up
     from recserve.server.engine import Limits
-    from recserve.server.metrics import Metrics
+    from recserve.server.metrics import Metrics, MetricsServer
     from recserve.server.registry import compose
     from recserve.server.runtime import load_model
     from recserve.server.settings import ServerSettings
@@ -107,20 +107,30 @@ async def in_process(repo: Path, threads_: int) -> AsyncIterator[InProcessTarget
     values: dict[str, object] = {"model_repo": repo, "intra_op_threads": threads_, "metrics_port": None}
     settings = ServerSettings(**values)  # type: ignore[arg-type]
 
+    registry = CollectorRegistry()
+
     def load() -> ServedModel:
         # Opened under the model threads' name, as the server does, so that ORT's pool threads carry it.
         with threads.named(threads.MODEL):
             model = load_model(settings, repo)
         limits = Limits(settings.max_texts_per_call, settings.max_text_bytes)
-        return compose(repo.name, model, settings, limits, Metrics(CollectorRegistry()).for_model(repo.name))
+        return compose(repo.name, model, settings, limits, Metrics(registry).for_model(repo.name))
 
     served = await asyncio.to_thread(load)
+    # The batcher's metrics on a loopback port, so that the sweep reads batch sizes and padding as a
+    # served server's (the shares of a call's time need the transport's request timer: none here).
+    metrics = MetricsServer(registry)
     try:
+        await metrics.start("127.0.0.1", 0)
         await warm_up(served, settings)
         await served.batcher.start()
         served.engine.open()
-        yield InProcessTarget(served, threads_)
+        target = InProcessTarget(served, threads_)
+        host, port = metrics.address
+        target.metrics_url = f"http://{host}:{port}/metrics"
+        yield target
     finally:
         served.engine.close("the benchmark is done with the engine")
         await served.batcher.stop()
         served.shutdown()
+        await metrics.close()

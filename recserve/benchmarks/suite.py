@@ -1018,7 +1018,7 @@ async def _measure(
                 cfg,
                 workload,
                 engine,
-                metrics_url=None,
+                metrics_url=engine.metrics_url,
                 series=IN_PROCESS,
                 callers=(),
                 rates=rates,
